@@ -1,0 +1,46 @@
+# Two entry points for a fresh Debian 12 machine, as root; both are safe to re-run.
+#   make demo   install what is needed, then run examples/demo.yaml inside the namespace mesh-demo
+#   make test   install what is needed (with the test extras), then run the whole test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MESH := $(VENV)/bin/mesh
+APT_PACKAGES := iproute2 nftables bind9-dnsutils curl procps util-linux python3 python3-venv
+export PYTHONSAFEPATH := 1
+
+.PHONY: deps venv demo test demo-down clean
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+demo: venv
+	$(MESH) up -f examples/demo.yaml --host-netns mesh-demo
+	@echo
+	$(MESH) network ls --host-netns mesh-demo
+	@echo
+	@echo "# curl a published port from the host namespace (mesh-demo):"
+	ip netns exec mesh-demo curl -s --max-time 5 http://localhost:8080/
+	@echo
+	@echo "The demo keeps running. Try: $(MESH) ps --host-netns mesh-demo"
+	@echo "Remove it with:              $(MESH) down --host-netns mesh-demo"
+
+demo-down: venv
+	$(MESH) down --host-netns mesh-demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,4 @@
+"""`python -m mesh` is the `mesh` command."""
+from mesh.cli import main
+
+raise SystemExit(main())

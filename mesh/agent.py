@@ -1,0 +1,164 @@
+"""The node agent: makes a host namespace match a DesiredState, level-triggered.
+
+    agent = Agent(host_netns, Netlink(), NftCli(), Supervisor(...))
+    await agent.apply(desired)    # diff against what it last applied, apply only the difference
+    await agent.teardown()        # remove everything it made
+
+The diff is computed against the state it applied last (kept in memory, never read back from the
+kernel). When a step fails, the previous state is applied again, so a failed change leaves the
+kernel as it was, and the error goes back to the caller.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+
+from mesh.etcfiles import render_hosts, render_resolv_conf
+from mesh.hostrules import render_delete_table, render_host_table
+from mesh.netlink import Netlink
+from mesh.nft import Nft
+from mesh.runtime import Supervisor
+from mesh.state import DesiredState, EndpointState, NetworkState, TaskState
+
+log = logging.getLogger("mesh.agent")
+ETC_NETNS = "/etc/netns"
+
+
+def _restart_key(t: TaskState) -> tuple:
+    return (t.command, t.environment, t.hostname, t.restart, t.sandbox, t.netmode, t.workdir)
+
+
+def _host_resolv(host_netns: str | None) -> str:
+    for path in ([os.path.join(ETC_NETNS, host_netns, "resolv.conf")] if host_netns else []) + \
+            ["/etc/resolv.conf"]:
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read()
+    return ""
+
+
+class Agent:
+    def __init__(self, host_netns: str | None, netlink: Netlink, nft: Nft, supervisor: Supervisor):
+        self.host = host_netns
+        self.nl = netlink
+        self.nft = nft
+        self.sup = supervisor
+        self.applied = DesiredState()
+        self.created_host = False
+        self.created_vlans: set[str] = set()
+        self.lock = asyncio.Lock()
+
+    async def apply(self, desired: DesiredState) -> None:
+        async with self.lock:
+            old = self.applied
+            try:
+                await self._apply(desired, old)
+            except Exception:
+                log.exception("apply failed; restoring the previous state")
+                await self._apply(old, desired)
+                raise
+            self.applied = desired
+
+    async def _apply(self, desired: DesiredState, old: DesiredState) -> None:
+        restart = [n for n, t in old.tasks.items()
+                   if n not in desired.tasks or _restart_key(t) != _restart_key(desired.tasks[n])]
+        await asyncio.gather(*(self.sup.stop(n) for n in restart))
+        await asyncio.to_thread(self._apply_kernel, desired, old)
+        for name, task in desired.tasks.items():
+            if name not in self.sup.runs:
+                await self.sup.start(task)
+            else:
+                self.sup.runs[name].task = task
+
+    def _apply_kernel(self, desired: DesiredState, old: DesiredState) -> None:
+        if desired.networks and self.host:
+            self.created_host |= self.nl.ensure_netns(self.host)
+        if desired.networks and not old.networks:
+            self.nl.sysctl(self.host, "net.ipv4.ip_forward", "1")
+        for net in desired.networks.values():
+            if old.networks.get(net.name) != net:
+                self._remove_network(old.networks.get(net.name))
+                self._add_network(net)
+        for task in desired.tasks.values():
+            self._sync_task(task, old.tasks.get(task.name), desired)
+        for name, task in old.tasks.items():
+            if name not in desired.tasks:
+                self._remove_task(task)
+        for name, net in old.networks.items():
+            if name not in desired.networks:
+                self._remove_network(net)
+        if (desired.networks, desired.publications) != (old.networks, old.publications):
+            text = render_host_table(desired) if desired.networks else render_delete_table()
+            if desired.networks or old.networks:
+                self.nft.apply(self.host, text)
+
+    # -- networks -----------------------------------------------------------------------------
+    def _add_network(self, net: NetworkState) -> None:
+        if net.driver == "bridge":
+            self.nl.add_bridge(self.host, net.link, net.gateway, net.prefixlen)
+        elif net.vlan is not None and self.nl.ensure_vlan(self.host, net.parent, net.vlan):
+            self.created_vlans.add(net.parent)
+
+    def _remove_network(self, net: NetworkState | None) -> None:
+        if net is None:
+            return
+        if net.link:
+            self.nl.delete_link(self.host, net.link)
+        if net.parent in self.created_vlans:
+            self.nl.delete_link(self.host, net.parent)
+            self.created_vlans.discard(net.parent)
+
+    # -- sandboxes and endpoints --------------------------------------------------------------
+    def _sync_task(self, task: TaskState, old: TaskState | None, desired: DesiredState) -> None:
+        if old and old.owns_sandbox and old.sandbox != task.sandbox:
+            self._remove_task(old)
+            old = None
+        if not task.owns_sandbox or task.netmode == "host":
+            return
+        self.nl.ensure_netns(task.sandbox)
+        old_eps = {e.network: e for e in old.endpoints} if old else {}
+        new_eps = {e.network: e for e in task.endpoints}
+        for net, ep in old_eps.items():
+            if new_eps.get(net) != ep:
+                self.nl.delete_link(task.sandbox, ep.ifname)
+        for net, ep in new_eps.items():
+            if old_eps.get(net) != ep:
+                self._add_endpoint(task.sandbox, ep, desired.networks[net])
+        self._write_etc(task)
+
+    def _add_endpoint(self, sandbox: str, ep: EndpointState, net: NetworkState) -> None:
+        if net.driver == "bridge":
+            self.nl.add_veth_endpoint(self.host, net.link, ep.link, sandbox, ep.ifname, ep.address,
+                                      ep.prefixlen, ep.default_gateway)
+        else:
+            self.nl.add_macvlan_endpoint(self.host, net.parent, ep.link, sandbox, ep.ifname,
+                                         ep.address, ep.prefixlen, ep.default_gateway)
+
+    def _write_etc(self, task: TaskState) -> None:
+        folder = os.path.join(ETC_NETNS, task.sandbox)
+        os.makedirs(folder, exist_ok=True)
+        # written in place: running processes see the files through bind mounts of these inodes
+        for name, text in (("hosts", render_hosts(task)),
+                           ("resolv.conf", render_resolv_conf(_host_resolv(self.host)))):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(text)
+
+    def _remove_task(self, task: TaskState) -> None:
+        if not task.owns_sandbox or not task.sandbox:
+            return
+        for ep in task.endpoints:
+            self.nl.delete_link(self.host, ep.link)
+        self.nl.delete_netns(task.sandbox)
+        shutil.rmtree(os.path.join(ETC_NETNS, task.sandbox), ignore_errors=True)
+
+    async def teardown(self) -> None:
+        """Stop every process, remove every sandbox, link and table this agent made."""
+        async with self.lock:
+            await self.sup.stop_all()
+            await asyncio.to_thread(self._apply_kernel, DesiredState(), self.applied)
+            self.applied = DesiredState()
+            if self.created_host and self.host:
+                await asyncio.to_thread(self.nl.delete_netns, self.host)
+                self.created_host = False

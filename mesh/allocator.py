@@ -1,0 +1,263 @@
+"""The manager's allocation, pure: Stack + what was allocated before -> DesiredState.
+
+    desired = build_desired(stack, previous, routes=[...], host_netns="mesh-h1", hostname_of_host="h")
+
+Addresses, published ports and task ids stay as they were for tasks that already existed, so
+re-applying a stack changes nothing that did not change. Every failure is an AllocationError naming
+the network, service or address at fault; nothing is half-built because this code only computes.
+"""
+from __future__ import annotations
+
+import secrets
+from ipaddress import IPv4Network, ip_address, ip_network
+
+from mesh import names
+from mesh.errors import AllocationError
+from mesh.ipam import AddressPool, check_subnet, default_gateway, pick_subnet
+from mesh.links import build_link_env, build_link_hosts
+from mesh.model import DEFAULT_BRIDGE, Network, Service, Stack
+from mesh.state import DesiredState, EndpointState, NetworkState, Publication, TaskState
+
+PORT_RANGE = range(30000, 32768)
+
+
+def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network],
+                  host_netns: str | None,
+                  connections: tuple[tuple[str, str], ...] = (),
+                  disconnections: tuple[tuple[str, str], ...] = ()) -> DesiredState:
+    networks = _build_networks(stack, previous, routes, host_netns)
+    pools = _pools(networks)
+    names_ = _task_names(stack)
+    _check_runtime_changes(names_, networks, connections, disconnections)
+    tasks: dict[str, TaskState] = {}
+    for svc_name, slot, task_name in names_:
+        svc = stack.services[svc_name]
+        if svc.network_mode and svc.network_mode.split(":")[0] in ("container", "service"):
+            continue
+        old = previous.tasks.get(task_name)
+        attach = _attachments(svc, task_name, networks, connections, disconnections)
+        endpoints = _endpoints(task_name, svc, attach, old, networks, pools, host_netns)
+        tasks[task_name] = _task(stack, svc, slot, task_name, old, endpoints, host_netns)
+    for svc_name, slot, task_name in names_:
+        svc = stack.services[svc_name]
+        if task_name not in tasks:
+            tasks[task_name] = _shared_task(stack, svc, slot, task_name, tasks, previous, names_)
+    tasks = {n: _with_links(t, stack, tasks, names_) for n, t in tasks.items()}
+    pubs = _publications(stack, tasks, networks, previous, names_)
+    return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections)
+
+
+def _build_networks(stack: Stack, previous: DesiredState, routes: list[IPv4Network],
+                    host_netns: str | None) -> dict[str, NetworkState]:
+    out: dict[str, NetworkState] = {}
+    taken: dict[str, IPv4Network] = {}
+    wanted = [Network(DEFAULT_BRIDGE)] + [n for n in stack.networks.values()
+                                          if n.name != DEFAULT_BRIDGE]
+    for net in wanted:
+        if net.external:
+            raise AllocationError(f"networks.{net.name}: external network '{net.name}' does not exist "
+                                  f"(the predefined networks are bridge, host and none)")
+    for net in sorted(wanted, key=lambda n: not any(c.subnet for c in n.ipam)):
+        out[net.name] = _network_state(net, previous.networks.get(net.name), taken, routes, host_netns)
+        taken[net.name] = ip_network(out[net.name].subnet)
+    return {n.name: out[n.name] for n in wanted}
+
+
+def _network_state(net: Network, old: NetworkState | None, taken: dict[str, IPv4Network],
+                   routes: list[IPv4Network], host_netns: str | None) -> NetworkState:
+    cfg = net.ipam[0] if net.ipam else None
+    if cfg and cfg.subnet:
+        subnet = ip_network(cfg.subnet)
+        check_subnet(net.name, subnet, taken, routes)
+    elif old and not any(ip_network(old.subnet).overlaps(t) for t in taken.values()):
+        subnet = ip_network(old.subnet)
+    else:
+        subnet = pick_subnet(list(taken.values()), routes)
+    gateway = str(cfg.gateway) if cfg and cfg.gateway else str(default_gateway(subnet))
+    parent = net.driver_opts.get("parent") if net.driver == "macvlan" else None
+    vlan = None
+    if parent and "." in parent:
+        base, _, tag = parent.rpartition(".")
+        if not tag.isdigit() or not 1 <= int(tag) <= 4094 or not base:
+            raise AllocationError(f"networks.{net.name}.driver_opts.parent: '{parent}' is not NAME.VLAN "
+                                  f"with a VLAN id from 1 to 4094")
+        if len(parent) > names.IFNAME_MAX:
+            raise AllocationError(f"networks.{net.name}.driver_opts.parent: '{parent}' is longer than "
+                                  f"{names.IFNAME_MAX} characters, the kernel's limit")
+        vlan = int(tag)
+    if net.driver == "overlay":
+        raise AllocationError(f"networks.{net.name}.driver: overlay networks need a cluster "
+                              f"(mesh up --nodes N); a single host supports bridge and macvlan")
+    return NetworkState(
+        name=net.name, driver=net.driver, subnet=str(subnet), gateway=gateway,
+        ip_range=cfg.ip_range if cfg else None, internal=net.internal,
+        builtin=net.name == DEFAULT_BRIDGE,
+        link=names.bridge_link(host_netns, net.name) if net.driver == "bridge" else None,
+        parent=parent, vlan=vlan)
+
+
+def _pools(networks: dict[str, NetworkState]) -> dict[str, AddressPool]:
+    out = {}
+    for n in networks.values():
+        gw = ip_address(n.gateway) if n.gateway and n.driver == "bridge" else None
+        out[n.name] = AddressPool(n.name, ip_network(n.subnet), gw,
+                                  ip_network(n.ip_range) if n.ip_range else None)
+        if n.gateway and n.driver == "macvlan":
+            out[n.name].used.add(ip_address(n.gateway))
+    return out
+
+
+def _task_names(stack: Stack) -> list[tuple[str, int, str]]:
+    out, seen = [], {}
+    for svc in stack.services.values():
+        count = 1 if svc.mode == "global" else svc.replicas
+        for slot in range(1, count + 1):
+            name = svc.container_name or f"{svc.name}.{slot}"
+            if name in seen:
+                raise AllocationError(f"services.{svc.name}: task name '{name}' is also used by "
+                                      f"service '{seen[name]}'")
+            seen[name] = svc.name
+            out.append((svc.name, slot, name))
+    return out
+
+
+def _check_runtime_changes(names_, networks, connections, disconnections) -> None:
+    tasks = {t for _, _, t in names_}
+    for task, net in connections + disconnections:
+        if task not in tasks:
+            continue            # the task left the stack; its runtime change goes with it
+        if net not in networks:
+            raise AllocationError(f"network '{net}' does not exist (mesh network ls)")
+
+
+def _attachments(svc: Service, task: str, networks, connections, disconnections) -> list:
+    mode = svc.network_mode
+    if mode in ("host", "none"):
+        attach = []
+    elif mode == DEFAULT_BRIDGE:
+        attach = [(DEFAULT_BRIDGE, ())]
+    else:
+        attach = [(a.network, a.aliases) for a in svc.networks]
+    attach += [(net, ()) for t, net in connections if t == task and
+               net not in [a for a, _ in attach]]
+    return [(net, aliases) for net, aliases in attach if (task, net) not in disconnections]
+
+
+def _endpoints(task: str, svc: Service, attach, old: TaskState | None, networks, pools,
+               host_netns: str | None) -> tuple[EndpointState, ...]:
+    sandbox = names.sandbox_netns(host_netns, task)
+    old_eps = {e.network: e for e in old.endpoints} if old else {}
+    static = {a.network: a.ipv4_address for a in svc.networks if a.ipv4_address}
+    used_if = {old_eps[n].ifname for n, _ in attach if n in old_eps}
+    out = []
+    for net_name, aliases in attach:
+        net, pool = networks[net_name], pools[net_name]
+        prev = old_eps.get(net_name)
+        if net_name in static:
+            where = f"services.{svc.name}.networks.{net_name}.ipv4_address"
+            address = pool.reserve(static[net_name], where)
+        elif prev and ip_address(prev.address) in pool.subnet and ip_address(prev.address) not in pool.used:
+            address = pool.reserve(prev.address)
+        else:
+            address = pool.allocate()
+        ifname = prev.ifname if prev else _free_ifname(used_if)
+        used_if.add(ifname)
+        link = (names.veth_link if net.driver == "bridge" else names.macvlan_link)(sandbox, net_name)
+        out.append(EndpointState(net_name, ifname, str(address), net.prefixlen, link, tuple(aliases)))
+    return _with_default_route(sorted(out, key=lambda e: int(e.ifname[3:])), networks)
+
+
+def _free_ifname(used: set[str]) -> str:
+    index = 0
+    while names.container_ifname(index) in used:
+        index += 1
+    return names.container_ifname(index)
+
+
+def _with_default_route(eps: list[EndpointState], networks) -> tuple[EndpointState, ...]:
+    out, done = [], False
+    for e in eps:
+        net = networks[e.network]
+        if not done and not net.internal and net.gateway:
+            e = EndpointState(e.network, e.ifname, e.address, e.prefixlen, e.link, e.aliases, net.gateway)
+            done = True
+        out.append(e)
+    return tuple(out)
+
+
+def _task(stack: Stack, svc: Service, slot: int, task: str, old: TaskState | None,
+          endpoints, host_netns: str | None) -> TaskState:
+    tid = old.id if old else names.task_id(stack.name, task, secrets.token_hex(8))
+    host = svc.network_mode == "host"
+    return TaskState(
+        name=task, id=tid, service=svc.name, slot=slot,
+        netmode="host" if host else ("none" if svc.network_mode == "none" else "sandbox"),
+        sandbox=None if host else names.sandbox_netns(host_netns, task), owns_sandbox=not host,
+        hostname=svc.hostname or ("" if host else names.short_id(tid)),
+        command=svc.command, environment=tuple(sorted(svc.environment.items())),
+        restart=svc.restart, workdir=stack.directory, endpoints=endpoints,
+        embedded_dns=any(not e.network == DEFAULT_BRIDGE for e in endpoints))
+
+
+def _shared_task(stack, svc: Service, slot, task, tasks, previous, names_) -> TaskState:
+    kind, _, target = svc.network_mode.partition(":")
+    if kind == "service":
+        target = next(t for s, sl, t in names_ if s == target and sl == 1) \
+            if any(s == target for s, _, _ in names_) else ""
+    owner = tasks.get(target)
+    if owner is None or owner.netmode == "container":
+        raise AllocationError(f"services.{svc.name}.network_mode: '{svc.network_mode}' names no "
+                              f"running task with its own network stack")
+    old = previous.tasks.get(task)
+    tid = old.id if old else names.task_id(stack.name, task, secrets.token_hex(8))
+    return TaskState(
+        name=task, id=tid, service=svc.name, slot=slot, netmode="container",
+        sandbox=owner.sandbox, owns_sandbox=False, hostname=svc.hostname or owner.hostname,
+        command=svc.command, environment=tuple(sorted(svc.environment.items())),
+        restart=svc.restart, workdir=stack.directory, embedded_dns=owner.embedded_dns)
+
+
+def _with_links(task: TaskState, stack: Stack, tasks: dict[str, TaskState], names_) -> TaskState:
+    svc = stack.services[task.service]
+    if not svc.links:
+        return task
+    env = dict(task.environment)
+    env.update(build_link_env(task, svc, stack, tasks, names_))
+    hosts = build_link_hosts(task, svc, tasks, names_)
+    return TaskState(**{**task.__dict__, "environment": tuple(sorted(env.items())), "hosts": hosts})
+
+
+def _publications(stack: Stack, tasks, networks, previous: DesiredState, names_) -> tuple:
+    old = {p.key: p.published for p in previous.publications}
+    taken = {(p.protocol, p.published) for svc in stack.services.values()
+             for p in svc.ports if p.published}
+    out = []
+    for svc in stack.services.values():
+        if not svc.ports:
+            continue
+        backends = tuple(_publish_address(tasks[t], networks, svc) for s, _, t in names_ if s == svc.name)
+        for i, port in enumerate(svc.ports):
+            key = f"{svc.name}/{i}"
+            published = port.published or _pick_port(old.get(key), port.protocol, taken)
+            taken.add((port.protocol, published))
+            out.append(Publication(svc.name, published, port.target, port.protocol, port.host_ip,
+                                   backends, key))
+    return tuple(out)
+
+
+def _publish_address(task: TaskState, networks, svc: Service) -> str:
+    for e in task.endpoints:
+        net = networks[e.network]
+        if net.driver == "bridge" and not net.internal:
+            return e.address
+    raise AllocationError(f"services.{svc.name}.ports: publishing a port needs the service on a "
+                          f"bridge network that is not internal")
+
+
+def _pick_port(previous: int | None, protocol: str, taken: set) -> int:
+    if previous and (protocol, previous) not in taken:
+        return previous
+    for port in PORT_RANGE:
+        if (protocol, port) not in taken:
+            return port
+    raise AllocationError(f"no free {protocol} port left in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")

@@ -1,0 +1,177 @@
+"""The `mesh` command line. Every listing takes --json; errors print one clear message, exit 1.
+
+    mesh up -f stack.yaml [--host-netns NAME]    mesh ps | mesh network ls | mesh inspect TASK
+    mesh logs TASK    mesh exec TASK -- CMD...    mesh network connect|disconnect NET TASK
+    mesh network inspect NET    mesh down
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+from mesh.client import Api
+from mesh.errors import MeshError
+from mesh.runtime import exec_argv
+from mesh.spec import load_stack_file, stack_to_dict
+from mesh.state import TaskState
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _print_tasks(tasks: list[dict]) -> None:
+    rows = [[t["name"], t["state"], t["pid"] or "-", t["network_mode"],
+             ",".join(f"{n}={v['address']}" for n, v in t["networks"].items()) or "-",
+             ",".join(t["ports"]) or "-"] for t in tasks]
+    print(_table(rows, ["TASK", "STATE", "PID", "MODE", "ADDRESSES", "PORTS"]))
+
+
+def _emit(args, data, printer) -> None:
+    print(json.dumps(data, indent=2)) if args.json else printer(data)
+
+
+def cmd_up(args, api: Api) -> int:
+    stack = load_stack_file(args.file)
+    for warning in stack.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    started = api.ensure_daemon()
+    status, data = api.call("POST", "/v1/up", {"stack": stack_to_dict(stack)})
+    if status >= 300:
+        if started:
+            api.call("POST", "/v1/down")
+        raise MeshError(data["error"] if isinstance(data, dict) else str(data))
+    _emit(args, data["tasks"], _print_tasks)
+    return 0
+
+
+def cmd_down(args, api: Api) -> int:
+    if api.running():
+        api.call("POST", "/v1/down")
+        print("mesh: stack removed, daemon stopped")
+    else:
+        from mesh.sweep import sweep
+        removed = sweep(api.host)
+        print("mesh: no daemon was running; removed " + (", ".join(removed) or "nothing"))
+    return 0
+
+
+def cmd_ps(args, api: Api) -> int:
+    _emit(args, api.checked("GET", "/v1/tasks"), _print_tasks)
+    return 0
+
+
+def _print_networks(nets: list[dict]) -> None:
+    rows = [[n["name"], n["driver"], n["subnet"] or "-", n["gateway"] or "-",
+             "yes" if n["internal"] else "no", len(n["tasks"])] for n in nets]
+    print(_table(rows, ["NETWORK", "DRIVER", "SUBNET", "GATEWAY", "INTERNAL", "TASKS"]))
+
+
+def cmd_network(args, api: Api) -> int:
+    if args.action == "ls":
+        _emit(args, api.checked("GET", "/v1/networks"), _print_networks)
+    elif args.action == "inspect":
+        print(json.dumps(api.checked("GET", f"/v1/networks/{args.network}"), indent=2))
+    else:
+        task = api.checked("POST", f"/v1/networks/{args.network}/{args.action}", {"task": args.task})
+        print(f"{args.task}: {args.action}ed {'to' if args.action == 'connect' else 'from'} "
+              f"{args.network}; networks now: {', '.join(task['networks']) or 'none'}")
+    return 0
+
+
+def cmd_inspect(args, api: Api) -> int:
+    print(json.dumps(api.checked("GET", f"/v1/tasks/{args.task}"), indent=2))
+    return 0
+
+
+def cmd_logs(args, api: Api) -> int:
+    sys.stdout.write(api.checked("GET", f"/v1/tasks/{args.task}/logs"))
+    return 0
+
+
+def cmd_exec(args, api: Api) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise MeshError("mesh exec: give a command after the task name, e.g. mesh exec web.1 -- ip addr")
+    info = api.checked("GET", f"/v1/tasks/{args.task}")
+    task = TaskState(name=info["name"], id=info["id"], service=info["service"], slot=info["slot"],
+                     netmode=info["network_mode"], sandbox=info["sandbox"], owns_sandbox=False,
+                     hostname=info["hostname"])
+    argv = exec_argv(task, api.host, info["pid"], command)
+    if os.path.isdir(info.get("workdir") or ""):
+        os.chdir(info["workdir"])
+    os.execvp(argv[0], argv)
+
+
+def cmd_daemon(args, api: Api) -> int:
+    from mesh.daemon import serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args.host_netns))
+    return 0
+
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """Options taken before or after the command (the copy on subcommands must not reset them)."""
+    common = argparse.ArgumentParser(add_help=False)
+    host = os.environ.get("MESH_HOST_NETNS") or None
+    common.add_argument("--host-netns", default=host if defaults else argparse.SUPPRESS,
+                        help="run the stack inside this network namespace (created if missing) "
+                             "instead of the root namespace; env MESH_HOST_NETNS")
+    common.add_argument("--json", action="store_true",
+                        default=False if defaults else argparse.SUPPRESS,
+                        help="machine-readable output")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(defaults=False)
+    parser = argparse.ArgumentParser(prog="mesh", parents=[_common(defaults=True)],
+                                     description="A Swarm-style service mesh for Linux.")
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    up = sub.add_parser("up", parents=[common], help="apply a stack file and start its tasks")
+    up.add_argument("-f", "--file", required=True)
+    up.set_defaults(func=cmd_up)
+    for name, func, helptext in (("down", cmd_down, "remove everything mesh made"),
+                                 ("ps", cmd_ps, "list tasks"),
+                                 ("daemon", cmd_daemon, "run the daemon (mesh up starts it)")):
+        sub.add_parser(name, parents=[common], help=helptext).set_defaults(func=func)
+    for name, func in (("inspect", cmd_inspect), ("logs", cmd_logs)):
+        p = sub.add_parser(name, parents=[common], help=f"{name} a task")
+        p.add_argument("task")
+        p.set_defaults(func=func)
+    ex = sub.add_parser("exec", parents=[common], help="run a command in a task's sandbox")
+    ex.add_argument("task")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=cmd_exec)
+    net = sub.add_parser("network", parents=[common], help="networks")
+    nsub = net.add_subparsers(dest="action", required=True)
+    nsub.add_parser("ls", parents=[common])
+    nsub.add_parser("inspect", parents=[common]).add_argument("network")
+    for action in ("connect", "disconnect"):
+        p = nsub.add_parser(action, parents=[common])
+        p.add_argument("network")
+        p.add_argument("task")
+    net.set_defaults(func=cmd_network)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, Api(args.host_netns))
+    except MeshError as exc:
+        print(f"mesh: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mesh: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

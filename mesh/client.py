@@ -1,0 +1,73 @@
+"""The CLI's side of the API: find or start the daemon of a host namespace and call it.
+
+    api = Api(host_netns)
+    started = api.ensure_daemon()            # True when this call started it
+    status, body = api.call("GET", "/v1/tasks")
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+
+from mesh.errors import MeshError
+from mesh.paths import Paths
+
+START_TIMEOUT = 15.0
+
+
+class Api:
+    def __init__(self, host_netns: str | None):
+        self.host = host_netns
+        self.paths = Paths.for_host(host_netns)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        return asyncio.run(self._call(method, path, body))
+
+    async def _call(self, method, path, body):
+        conn = aiohttp.UnixConnector(path=self.paths.socket)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+            async with session.request(method, f"http://mesh{path}", json=body) as resp:
+                if resp.content_type == "application/json":
+                    return resp.status, await resp.json()
+                return resp.status, await resp.text()
+
+    def running(self) -> bool:
+        if not os.path.exists(self.paths.socket):
+            return False
+        try:
+            return self.call("GET", "/v1/ping")[0] == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    def ensure_daemon(self) -> bool:
+        if self.running():
+            return False
+        os.makedirs(self.paths.root, exist_ok=True)
+        argv = [sys.executable, "-m", "mesh", "daemon"]
+        if self.host:
+            argv += ["--host-netns", self.host]
+        with open(self.paths.daemon_log, "ab") as out:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.running():
+                return True
+            time.sleep(0.05)
+        raise MeshError(f"the mesh daemon did not start within {START_TIMEOUT:.0f}s; "
+                        f"see {self.paths.daemon_log}")
+
+    def checked(self, method: str, path: str, body: dict | None = None):
+        """call(), raising MeshError with the daemon's message unless it answered 2xx."""
+        if not self.running():
+            raise MeshError("no mesh daemon runs for this host namespace (start one with mesh up)")
+        status, data = self.call(method, path, body)
+        if status >= 300:
+            raise MeshError(data["error"] if isinstance(data, dict) else str(data))
+        return data

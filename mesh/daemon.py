@@ -1,0 +1,128 @@
+"""The daemon, mesh's composition root: wires Netlink, NftCli, Supervisor, Agent and Controller, and
+serves the API (aiohttp) on a unix socket. `mesh up` starts it when none runs for the host namespace.
+
+    mesh daemon [--host-netns NAME]          # normally started for you by `mesh up`
+
+API (JSON): GET /v1/ping, POST /v1/up {stack}, GET /v1/tasks, GET /v1/tasks/{name},
+GET /v1/tasks/{name}/logs, GET /v1/networks, GET /v1/networks/{name},
+POST /v1/networks/{name}/connect|disconnect {task}, POST /v1/down (tears down, then exits).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from mesh.agent import Agent
+from mesh.controller import Controller
+from mesh.errors import Conflict, MeshError, NotFound
+from mesh.netlink import Netlink
+from mesh.nft import NftCli
+from mesh.paths import Paths
+from mesh.runtime import Supervisor
+from mesh.spec import stack_from_dict
+from mesh.views import network_list, network_view, task_view
+
+log = logging.getLogger("mesh.daemon")
+STATUS = {NotFound: 404, Conflict: 409}
+
+
+@web.middleware
+async def errors(request, handler):
+    try:
+        return await handler(request)
+    except MeshError as exc:
+        return web.json_response({"error": str(exc)}, status=STATUS.get(type(exc), 400))
+
+
+def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
+    sup = ctl.agent.sup
+    routes = web.RouteTableDef()
+
+    def tasks_json():
+        return [task_view(t, sup.status(t.name), ctl.desired) for t in ctl.desired.tasks.values()]
+
+    @routes.get("/v1/ping")
+    async def ping(_):
+        return web.json_response({"host_netns": ctl.agent.host, "pid": os.getpid()})
+
+    @routes.post("/v1/up")
+    async def up(request):
+        stack = stack_from_dict((await request.json())["stack"])
+        await ctl.up(stack)
+        return web.json_response({"tasks": tasks_json()})
+
+    @routes.get("/v1/tasks")
+    async def tasks(_):
+        return web.json_response(tasks_json())
+
+    @routes.get("/v1/tasks/{name}")
+    async def task(request):
+        t = ctl.task(request.match_info["name"])
+        return web.json_response({**task_view(t, sup.status(t.name), ctl.desired),
+                                  "log": sup.log_path(t.name)})
+
+    @routes.get("/v1/tasks/{name}/logs")
+    async def logs(request):
+        path = sup.log_path(ctl.task(request.match_info["name"]).name)
+        text = open(path, errors="replace").read() if os.path.exists(path) else ""
+        return web.Response(text=text)
+
+    @routes.get("/v1/networks")
+    async def networks(_):
+        return web.json_response(network_list(ctl.desired))
+
+    @routes.get("/v1/networks/{name}")
+    async def network(request):
+        found = [n for n in network_list(ctl.desired) if n["name"] == request.match_info["name"]]
+        if not found:
+            raise NotFound(f"no network named '{request.match_info['name']}' (mesh network ls)")
+        return web.json_response(found[0])
+
+    @routes.post("/v1/networks/{name}/{action:connect|disconnect}")
+    async def connect(request):
+        body = await request.json()
+        action = getattr(ctl, request.match_info["action"])
+        t = await action(request.match_info["name"], body["task"])
+        return web.json_response(task_view(t, sup.status(t.name), ctl.desired))
+
+    @routes.post("/v1/down")
+    async def down(_):
+        await ctl.down()
+        stop.set()
+        return web.json_response({"down": True})
+
+    app = web.Application(middlewares=[errors])
+    app.add_routes(routes)
+    return app
+
+
+async def serve(host_netns: str | None) -> None:
+    paths = Paths.for_host(host_netns)
+    os.makedirs(paths.root, exist_ok=True)
+    nl = Netlink()
+    agent = Agent(host_netns, nl, NftCli(), Supervisor(paths.logs, host_netns))
+    ctl = Controller(agent, nl)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(build_app(ctl, stop))
+    await runner.setup()
+    if os.path.exists(paths.socket):
+        os.unlink(paths.socket)
+    await web.UnixSite(runner, paths.socket).start()
+    with open(paths.pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    log.info("mesh daemon serving %s (host namespace: %s)", paths.socket, host_netns or "root")
+    try:
+        await stop.wait()
+        await asyncio.sleep(0.05)      # let the response to /v1/down go out
+    finally:
+        await ctl.down()
+        await runner.cleanup()
+        for path in (paths.socket, paths.pid_file):
+            if os.path.exists(path):
+                os.unlink(path)

@@ -1,0 +1,162 @@
+"""The netlink adapter (pyroute2): namespaces, bridges, veth and macvlan endpoints, VLANs, routes.
+
+Every method takes the namespace it acts in by name (None = the namespace this process is in).
+Sockets are opened with flags=0, so a mistyped namespace is an error, never a new namespace.
+
+    nl = Netlink()
+    nl.ensure_netns("mesh-h1"); nl.add_bridge("mesh-h1", "mhb…", "172.18.0.1", 16)
+    nl.add_veth_endpoint("mesh-h1", "mhb…", "mhv…", "mesh-h1-web.1", "eth0", "172.18.0.2", 16, gw)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from ipaddress import IPv4Network, ip_network
+
+from pyroute2 import IPRoute, netns as pnetns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from mesh.errors import MeshError
+from mesh.names import LINK_PREFIX
+from mesh.nft import in_netns
+
+NETNS_DIR = "/var/run/netns"
+
+
+def _ipr(netns: str | None) -> IPRoute:
+    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+class Netlink:
+    # -- namespaces ---------------------------------------------------------------------------
+    def netns_exists(self, name: str) -> bool:
+        return os.path.exists(os.path.join(NETNS_DIR, name))
+
+    def ensure_netns(self, name: str) -> bool:
+        """Create the namespace (loopback up) unless it exists; True when it was created."""
+        if self.netns_exists(name):
+            return False
+        pnetns.create(name)
+        with _ipr(name) as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+        return True
+
+    def delete_netns(self, name: str) -> None:
+        if self.netns_exists(name):
+            pnetns.remove(name)
+
+    def list_netns(self, prefix: str) -> list[str]:
+        return sorted(n for n in pnetns.listnetns() if n.startswith(prefix))
+
+    def sysctl(self, netns: str | None, key: str, value: str) -> None:
+        proc = subprocess.run(in_netns(netns, ["sysctl", "-qw", f"{key}={value}"]),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise MeshError(f"sysctl {key}={value} in {netns or 'the root namespace'}: "
+                            f"{proc.stderr.strip()}")
+
+    # -- links --------------------------------------------------------------------------------
+    def link_exists(self, netns: str | None, ifname: str) -> bool:
+        with _ipr(netns) as ipr:
+            return _index(ipr, ifname) is not None
+
+    def list_links(self, netns: str | None, prefix: str = LINK_PREFIX) -> list[str]:
+        with _ipr(netns) as ipr:
+            names = [link.get("ifname") for link in ipr.get_links()]
+        return sorted(n for n in names if n and n.startswith(prefix))
+
+    def delete_link(self, netns: str | None, ifname: str) -> None:
+        with _ipr(netns) as ipr:
+            index = _index(ipr, ifname)
+            if index is not None:
+                ipr.link("del", index=index)
+
+    def routes(self, netns: str | None) -> list[IPv4Network]:
+        """Destinations of the namespace's IPv4 routes, except those through mesh's own links."""
+        out = []
+        with _ipr(netns) as ipr:
+            ours = {link["index"] for link in ipr.get_links()
+                    if (link.get("ifname") or "").startswith(LINK_PREFIX)}
+            for route in ipr.get_routes(family=2, table=254):
+                dst = route.get("dst")
+                if dst and route.get("oif") not in ours:
+                    out.append(ip_network(f"{dst}/{route['dst_len']}", strict=False))
+        return out
+
+    def add_bridge(self, netns: str | None, ifname: str, address: str, prefixlen: int) -> None:
+        with _ipr(netns) as ipr:
+            if _index(ipr, ifname) is None:
+                ipr.link("add", ifname=ifname, kind="bridge")
+            index = _index(ipr, ifname)
+            if not ipr.get_addr(index=index, address=address):
+                ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+            ipr.link("set", index=index, state="up")
+        self.sysctl(netns, f"net.ipv4.conf.{ifname}.route_localnet", "1")
+
+    def ensure_vlan(self, netns: str | None, ifname: str, vlan: int) -> bool:
+        """Create `base.vlan` on its base interface unless it exists; True when it was created."""
+        base = ifname.rpartition(".")[0]
+        with _ipr(netns) as ipr:
+            if _index(ipr, ifname) is not None:
+                return False
+            base_index = _index(ipr, base)
+            if base_index is None:
+                raise MeshError(f"macvlan parent '{ifname}': its base interface '{base}' does not exist")
+            ipr.link("add", ifname=ifname, kind="vlan", link=base_index, vlan_id=vlan)
+            ipr.link("set", index=_index(ipr, ifname), state="up")
+        return True
+
+    # -- endpoints ----------------------------------------------------------------------------
+    def add_veth_endpoint(self, host: str | None, bridge: str, host_if: str, sandbox: str,
+                          ifname: str, address: str, prefixlen: int, gateway: str | None) -> None:
+        with _ipr(host) as ipr:
+            if _index(ipr, host_if) is None:
+                ipr.link("add", ifname=host_if, kind="veth",
+                         peer={"ifname": ifname, "net_ns_fd": sandbox})
+            index = _index(ipr, host_if)
+            ipr.link("set", index=index, master=_index(ipr, bridge), state="up")
+            ipr.brport("set", index=index, hairpin_mode=1)
+        self._configure(sandbox, ifname, address, prefixlen, gateway)
+
+    def add_macvlan_endpoint(self, host: str | None, parent: str, tmp_if: str, sandbox: str,
+                             ifname: str, address: str, prefixlen: int, gateway: str | None) -> None:
+        with _ipr(host) as ipr:
+            parent_index = _index(ipr, parent)
+            if parent_index is None:
+                raise MeshError(f"macvlan parent interface '{parent}' does not exist")
+            ipr.link("set", index=parent_index, state="up")
+            if _index(ipr, tmp_if) is None:
+                ipr.link("add", ifname=tmp_if, kind="macvlan", link=parent_index, macvlan_mode="bridge")
+            ipr.link("set", index=_index(ipr, tmp_if), net_ns_fd=sandbox)
+        with _ipr(sandbox) as ipr:
+            index = _index(ipr, tmp_if)
+            if index is not None:
+                ipr.link("set", index=index, ifname=ifname)
+        self._configure(sandbox, ifname, address, prefixlen, gateway)
+
+    def _configure(self, sandbox: str, ifname: str, address: str, prefixlen: int,
+                   gateway: str | None) -> None:
+        with _ipr(sandbox) as ipr:
+            index = _index(ipr, ifname)
+            if not ipr.get_addr(index=index, address=address):
+                ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+            ipr.link("set", index=index, state="up")
+            if gateway:
+                try:
+                    ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index)
+                except NetlinkError as exc:
+                    raise MeshError(f"default route via {gateway} in {sandbox}: {exc}") from exc
+
+    def addresses(self, netns: str | None) -> dict[str, list[str]]:
+        """ifname -> IPv4 addresses, for inspection and tests."""
+        with _ipr(netns) as ipr:
+            names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+            out: dict[str, list[str]] = {n: [] for n in names.values()}
+            for addr in ipr.get_addr(family=2):
+                out[names[addr["index"]]].append(addr.get("address"))
+        return out

@@ -1,0 +1,37 @@
+"""Where a daemon keeps its socket, logs and pid, per host namespace (pure).
+
+    /run/mesh/<scope>/api.sock, daemon.log, daemon.pid, logs/<task>.log
+`scope` is the host namespace's name, or `root`. MESH_RUN_DIR overrides /run/mesh.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mesh.names import scope_of
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: str
+
+    @classmethod
+    def for_host(cls, host_netns: str | None) -> "Paths":
+        base = os.environ.get("MESH_RUN_DIR", "/run/mesh")
+        return cls(os.path.join(base, scope_of(host_netns)))
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.root, "api.sock")
+
+    @property
+    def daemon_log(self) -> str:
+        return os.path.join(self.root, "daemon.log")
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.root, "daemon.pid")
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.root, "logs")

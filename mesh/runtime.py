@@ -1,0 +1,141 @@
+"""Tasks as processes: the YAML `command` run inside the task's sandbox, supervised by the daemon.
+
+    sup = Supervisor(log_dir, host_netns)
+    await sup.start(task)        # runs it, restarts it per `restart:`, output to <log_dir>/<task>.log
+    sup.status("web.1")          # {"state": "running", "pid": ..., "exit_code": ..., "restarts": ...}
+    await sup.stop("web.1")      # SIGTERM to its process group, SIGKILL after a grace period
+
+A process sees its sandbox's own /etc/hosts and /etc/resolv.conf because it starts through
+`ip netns exec` (the /etc/netns/<sandbox>/ convention) and gets its own UTS namespace (hostname).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from mesh.state import TaskState
+
+IDLE_COMMAND = ("sleep", "infinity")
+STOP_GRACE = 5.0
+
+
+def run_argv(task: TaskState, host_netns: str | None) -> list[str]:
+    """The argv that starts `task` (pure)."""
+    netns = task.sandbox or host_netns
+    argv = ["ip", "netns", "exec", netns] if netns else []
+    if task.netmode != "host":
+        argv += ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', task.hostname]
+    return argv + list(task.command or IDLE_COMMAND)
+
+
+def exec_argv(task: TaskState, host_netns: str | None, pid: int | None, command: list[str]) -> list[str]:
+    """The argv that runs `command` beside a task, in its network and UTS namespaces (pure)."""
+    netns = task.sandbox or host_netns
+    argv = ["ip", "netns", "exec", netns] if netns else []
+    if pid and task.netmode != "host":
+        argv += ["nsenter", "-t", str(pid), "--uts", "--"]
+    return argv + command
+
+
+def should_restart(policy: str, exit_code: int, stopping: bool) -> bool:
+    if stopping:
+        return False
+    return policy in ("always", "unless-stopped") or (policy == "on-failure" and exit_code != 0)
+
+
+def task_env(task: TaskState) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+           "HOME": "/root", "HOSTNAME": task.hostname}
+    env.update(dict(task.environment))
+    return env
+
+
+@dataclass
+class Run:
+    task: TaskState
+    state: str = "starting"          # starting | running | restarting | exited
+    pid: int | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    stopping: bool = False
+    runner: asyncio.Task | None = None
+    proc: asyncio.subprocess.Process | None = None
+
+
+class Supervisor:
+    def __init__(self, log_dir: str, host_netns: str | None):
+        self.log_dir = log_dir
+        self.host_netns = host_netns
+        self.runs: dict[str, Run] = {}
+        os.makedirs(log_dir, exist_ok=True)
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
+    async def start(self, task: TaskState) -> None:
+        run = Run(task)
+        self.runs[task.name] = run
+        started = asyncio.get_running_loop().create_future()
+        run.runner = asyncio.create_task(self._loop(run, started))
+        await started
+
+    async def _loop(self, run: Run, started: asyncio.Future) -> None:
+        delay = 0.1
+        while True:
+            t0 = time.monotonic()
+            await self._spawn(run)
+            if not started.done():
+                started.set_result(None)
+            run.exit_code = await run.proc.wait()
+            run.pid = None
+            if not should_restart(run.task.restart, run.exit_code, run.stopping):
+                run.state = "exited"
+                return
+            run.state, run.restarts = "restarting", run.restarts + 1
+            delay = 0.1 if time.monotonic() - t0 > 10 else min(delay * 2, 5.0)
+            await asyncio.sleep(delay)
+
+    async def _spawn(self, run: Run) -> None:
+        with open(self.log_path(run.task.name), "ab") as log:
+            run.proc = await asyncio.create_subprocess_exec(
+                *run_argv(run.task, self.host_netns), stdin=asyncio.subprocess.DEVNULL,
+                stdout=log, stderr=asyncio.subprocess.STDOUT, env=task_env(run.task),
+                cwd=run.task.workdir if os.path.isdir(run.task.workdir or "") else "/",
+                start_new_session=True)
+        run.pid, run.state, run.started_at = run.proc.pid, "running", time.time()
+
+    async def stop(self, name: str, grace: float = STOP_GRACE) -> None:
+        run = self.runs.pop(name, None)
+        if run is None:
+            return
+        run.stopping = True
+        if run.pid:
+            _signal_group(run.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(run.runner), grace)
+            except asyncio.TimeoutError:
+                _signal_group(run.pid, signal.SIGKILL)
+        if run.runner:
+            run.runner.cancel()
+            await asyncio.gather(run.runner, return_exceptions=True)
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(n) for n in list(self.runs)))
+
+    def status(self, name: str) -> dict:
+        run = self.runs.get(name)
+        if run is None:
+            return {"state": "stopped", "pid": None, "exit_code": None, "restarts": 0}
+        return {"state": run.state, "pid": run.pid, "exit_code": run.exit_code,
+                "restarts": run.restarts, "started_at": run.started_at}
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass

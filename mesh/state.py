@@ -1,0 +1,80 @@
+"""The allocated, desired state of one host: what the agent makes real. Pure data, standard library.
+
+mesh.allocator builds it from a Stack; mesh.agent diffs it against what it last applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    name: str
+    driver: str                      # "bridge" | "macvlan"
+    subnet: str
+    gateway: str | None
+    ip_range: str | None = None
+    internal: bool = False
+    builtin: bool = False            # the default bridge: no embedded DNS
+    link: str | None = None          # bridge link in the host namespace
+    parent: str | None = None        # macvlan parent interface
+    vlan: int | None = None          # set when mesh creates `parent` as a VLAN sub-interface
+
+    @property
+    def prefixlen(self) -> int:
+        return int(self.subnet.split("/")[1])
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    network: str
+    ifname: str                      # eth0, eth1... inside the sandbox
+    address: str
+    prefixlen: int
+    link: str                        # veth host side (bridge) or transient macvlan name
+    aliases: tuple[str, ...] = ()
+    default_gateway: str | None = None   # set on the one endpoint that carries the default route
+
+
+@dataclass(frozen=True)
+class TaskState:
+    name: str
+    id: str
+    service: str
+    slot: int
+    netmode: str                     # "sandbox" | "host" | "none" | "container"
+    sandbox: str | None              # netns the process runs in; None = the host namespace
+    owns_sandbox: bool               # False for host mode and container:/service: modes
+    hostname: str
+    command: tuple[str, ...] = ()
+    environment: tuple[tuple[str, str], ...] = ()
+    restart: str = "no"
+    workdir: str = ""                # the process's working directory (the stack file's folder)
+    endpoints: tuple[EndpointState, ...] = ()
+    hosts: tuple[tuple[str, str], ...] = ()      # extra /etc/hosts lines: (address, names)
+    embedded_dns: bool = False       # on a user-defined network: the embedded resolver's seam
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A published port: host port -> target port on one or more task addresses."""
+    service: str
+    published: int
+    target: int
+    protocol: str
+    host_ip: str | None
+    backends: tuple[str, ...]
+    key: str                         # stable identity for re-allocation: "service/index"
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    stack: str = ""
+    networks: dict[str, NetworkState] = field(default_factory=dict)
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    publications: tuple[Publication, ...] = ()
+    connections: tuple[tuple[str, str], ...] = ()      # (task, network) added at run time
+    disconnections: tuple[tuple[str, str], ...] = ()   # (task, network) removed at run time
+
+    def endpoints_on(self, network: str) -> list[tuple[TaskState, EndpointState]]:
+        return [(t, e) for t in self.tasks.values() for e in t.endpoints if e.network == network]

@@ -1,0 +1,38 @@
+"""Remove what a daemon of a host namespace left behind when it could not clean up itself
+(it was killed): sandboxes, their /etc/netns folders, mesh links and the `mesh` table of the host.
+
+    sweep(host_netns)   # returns what it removed; `mesh down` calls it when no daemon answers
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from mesh import names
+from mesh.agent import ETC_NETNS
+from mesh.hostrules import render_delete_table
+from mesh.netlink import Netlink
+from mesh.nft import NftCli
+
+OUR_LINKS = ("mhb", "mhv", "mhm")   # bridges, veth host sides, macvlans in transit
+
+
+def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
+    nl = nl or Netlink()
+    removed = []
+    prefix = names.sandbox_prefix(host_netns)
+    for ns in nl.list_netns(prefix):
+        if ns != host_netns:
+            nl.delete_netns(ns)
+            shutil.rmtree(os.path.join(ETC_NETNS, ns), ignore_errors=True)
+            removed.append(f"namespace {ns}")
+    if host_netns and not nl.netns_exists(host_netns):
+        return removed
+    for link in [l for l in nl.list_links(host_netns) if l.startswith(OUR_LINKS)]:
+        nl.delete_link(host_netns, link)
+        removed.append(f"link {link}")
+    nft = NftCli()
+    if nft.list_table(host_netns, "ip", "mesh") is not None:
+        nft.apply(host_netns, render_delete_table())
+        removed.append("nftables table ip mesh")
+    return removed

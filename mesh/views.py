@@ -1,0 +1,40 @@
+"""JSON views of tasks and networks for the API and `--json` listings (pure)."""
+from __future__ import annotations
+
+from mesh.state import DesiredState, NetworkState, TaskState
+
+PSEUDO_NETWORKS = ({"name": "host", "driver": "host", "subnet": None, "gateway": None,
+                    "internal": False, "builtin": True, "tasks": []},
+                   {"name": "none", "driver": "null", "subnet": None, "gateway": None,
+                    "internal": False, "builtin": True, "tasks": []})
+
+
+def task_view(task: TaskState, status: dict, desired: DesiredState) -> dict:
+    ports = [f"{p.host_ip + ':' if p.host_ip else ''}{p.published}->{p.target}/{p.protocol}"
+             for p in desired.publications if p.service == task.service]
+    return {
+        "name": task.name, "id": task.id, "service": task.service, "slot": task.slot,
+        "state": status["state"], "pid": status["pid"], "exit_code": status["exit_code"],
+        "restarts": status["restarts"], "network_mode": task.netmode, "sandbox": task.sandbox,
+        "hostname": task.hostname, "ports": ports,
+        "networks": {e.network: {"ifname": e.ifname, "address": e.address,
+                                 "prefixlen": e.prefixlen, "aliases": list(e.aliases),
+                                 "gateway": e.default_gateway} for e in task.endpoints},
+        "environment": dict(task.environment), "command": list(task.command),
+        "restart": task.restart, "workdir": task.workdir,
+    }
+
+
+def network_view(net: NetworkState, desired: DesiredState) -> dict:
+    return {
+        "name": net.name, "driver": net.driver, "subnet": net.subnet, "gateway": net.gateway,
+        "ip_range": net.ip_range, "internal": net.internal, "builtin": net.builtin,
+        "link": net.link, "parent": net.parent,
+        "embedded_dns": not net.builtin,
+        "tasks": [{"name": t.name, "address": e.address, "ifname": e.ifname}
+                  for t, e in desired.endpoints_on(net.name)],
+    }
+
+
+def network_list(desired: DesiredState) -> list[dict]:
+    return [network_view(n, desired) for n in desired.networks.values()] + list(PSEUDO_NETWORKS)
