@@ -15,7 +15,7 @@ import sys
 
 from mesh.client import Api
 from mesh.errors import MeshError
-from mesh.runtime import exec_argv
+from mesh.runtime import exec_argv, task_env
 from mesh.spec import load_stack_file, stack_to_dict
 from mesh.state import TaskState
 
@@ -96,17 +96,21 @@ def cmd_logs(args, api: Api) -> int:
 
 
 def cmd_exec(args, api: Api) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
+    if "--" in command:                       # options may stand between TASK and --
+        cut = command.index("--")
+        _common(defaults=False).parse_args(command[:cut], namespace=args)
+        command, api = command[cut + 1:], Api(args.host_netns)
     if not command:
         raise MeshError("mesh exec: give a command after the task name, e.g. mesh exec web.1 -- ip addr")
     info = api.checked("GET", f"/v1/tasks/{args.task}")
     task = TaskState(name=info["name"], id=info["id"], service=info["service"], slot=info["slot"],
                      netmode=info["network_mode"], sandbox=info["sandbox"], owns_sandbox=False,
-                     hostname=info["hostname"])
+                     hostname=info["hostname"], environment=tuple(info["environment"].items()))
     argv = exec_argv(task, api.host, info["pid"], command)
     if os.path.isdir(info.get("workdir") or ""):
         os.chdir(info["workdir"])
-    os.execvp(argv[0], argv)
+    os.execvpe(argv[0], argv, task_env(task))
 
 
 def cmd_daemon(args, api: Api) -> int:

@@ -42,8 +42,13 @@ class Api:
             return False
         try:
             return self.call("GET", "/v1/ping")[0] == 200
-        except (aiohttp.ClientError, OSError):
+        except (aiohttp.ClientError, OSError) as exc:
+            self.last_error = exc
             return False
+
+    def _why(self) -> str:
+        err = getattr(self, "last_error", None)
+        return f" [{self.paths.socket}: {err}]" if err else f" [no socket at {self.paths.socket}]"
 
     def ensure_daemon(self) -> bool:
         if self.running():
@@ -66,7 +71,8 @@ class Api:
     def checked(self, method: str, path: str, body: dict | None = None):
         """call(), raising MeshError with the daemon's message unless it answered 2xx."""
         if not self.running():
-            raise MeshError("no mesh daemon runs for this host namespace (start one with mesh up)")
+            raise MeshError(f"no mesh daemon runs for this host namespace (start one with mesh up)"
+                            f"{self._why()}")
         status, data = self.call(method, path, body)
         if status >= 300:
             raise MeshError(data["error"] if isinstance(data, dict) else str(data))

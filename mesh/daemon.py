@@ -107,8 +107,12 @@ async def serve(host_netns: str | None) -> None:
     agent = Agent(host_netns, nl, NftCli(), Supervisor(paths.logs, host_netns))
     ctl = Controller(agent, nl)
     stop = asyncio.Event()
+    def on_signal(sig: int) -> None:
+        log.info("received %s: removing the stack and stopping", signal.Signals(sig).name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
     runner = web.AppRunner(build_app(ctl, stop))
     await runner.setup()
     if os.path.exists(paths.socket):

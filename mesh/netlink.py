@@ -9,22 +9,24 @@ Sockets are opened with flags=0, so a mistyped namespace is an error, never a ne
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from ipaddress import IPv4Network, ip_network
 
-from pyroute2 import IPRoute, netns as pnetns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from mesh import netns as ns
 from mesh.errors import MeshError
 from mesh.names import LINK_PREFIX
 from mesh.nft import in_netns
 
-NETNS_DIR = "/var/run/netns"
-
 
 def _ipr(netns: str | None) -> IPRoute:
-    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    """A netlink socket bound to `netns` (made from this thread while it visits the namespace)."""
+    if not netns:
+        return IPRoute()
+    with ns.entered(netns):
+        return IPRoute()
 
 
 def _index(ipr: IPRoute, ifname: str) -> int | None:
@@ -35,23 +37,22 @@ def _index(ipr: IPRoute, ifname: str) -> int | None:
 class Netlink:
     # -- namespaces ---------------------------------------------------------------------------
     def netns_exists(self, name: str) -> bool:
-        return os.path.exists(os.path.join(NETNS_DIR, name))
+        return ns.exists(name)
 
     def ensure_netns(self, name: str) -> bool:
         """Create the namespace (loopback up) unless it exists; True when it was created."""
-        if self.netns_exists(name):
+        if ns.exists(name):
             return False
-        pnetns.create(name)
+        ns.create(name)
         with _ipr(name) as ipr:
             ipr.link("set", index=_index(ipr, "lo"), state="up")
         return True
 
     def delete_netns(self, name: str) -> None:
-        if self.netns_exists(name):
-            pnetns.remove(name)
+        ns.delete(name)
 
     def list_netns(self, prefix: str) -> list[str]:
-        return sorted(n for n in pnetns.listnetns() if n.startswith(prefix))
+        return ns.listing(prefix)
 
     def sysctl(self, netns: str | None, key: str, value: str) -> None:
         proc = subprocess.run(in_netns(netns, ["sysctl", "-qw", f"{key}={value}"]),
@@ -107,7 +108,14 @@ class Netlink:
             base_index = _index(ipr, base)
             if base_index is None:
                 raise MeshError(f"macvlan parent '{ifname}': its base interface '{base}' does not exist")
-            ipr.link("add", ifname=ifname, kind="vlan", link=base_index, vlan_id=vlan)
+            try:
+                ipr.link("add", ifname=ifname, kind="vlan", link=base_index, vlan_id=vlan)
+            except NetlinkError as exc:
+                if exc.code == 95:      # EOPNOTSUPP: no 8021q in this kernel
+                    raise MeshError(f"macvlan parent '{ifname}': this kernel has no 802.1Q VLAN "
+                                    f"support (CONFIG_VLAN_8021Q), so the VLAN sub-interface "
+                                    f"cannot be made") from exc
+                raise MeshError(f"macvlan parent '{ifname}': cannot create it: {exc}") from exc
             ipr.link("set", index=_index(ipr, ifname), state="up")
         return True
 
@@ -117,10 +125,10 @@ class Netlink:
         with _ipr(host) as ipr:
             if _index(ipr, host_if) is None:
                 ipr.link("add", ifname=host_if, kind="veth",
-                         peer={"ifname": ifname, "net_ns_fd": sandbox})
+                         peer={"ifname": ifname, "net_ns_fd": ns.path(sandbox)})
             index = _index(ipr, host_if)
             ipr.link("set", index=index, master=_index(ipr, bridge), state="up")
-            ipr.brport("set", index=index, hairpin_mode=1)
+            ipr.brport("set", index=index, mode=1)   # IFLA_BRPORT_MODE: hairpin
         self._configure(sandbox, ifname, address, prefixlen, gateway)
 
     def add_macvlan_endpoint(self, host: str | None, parent: str, tmp_if: str, sandbox: str,
@@ -132,7 +140,7 @@ class Netlink:
             ipr.link("set", index=parent_index, state="up")
             if _index(ipr, tmp_if) is None:
                 ipr.link("add", ifname=tmp_if, kind="macvlan", link=parent_index, macvlan_mode="bridge")
-            ipr.link("set", index=_index(ipr, tmp_if), net_ns_fd=sandbox)
+            ipr.link("set", index=_index(ipr, tmp_if), net_ns_fd=ns.path(sandbox))
         with _ipr(sandbox) as ipr:
             index = _index(ipr, tmp_if)
             if index is not None:

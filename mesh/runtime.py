@@ -76,6 +76,9 @@ class Supervisor:
     def log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
 
+    def pid_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.pid")
+
     async def start(self, task: TaskState) -> None:
         run = Run(task)
         self.runs[task.name] = run
@@ -92,6 +95,7 @@ class Supervisor:
                 started.set_result(None)
             run.exit_code = await run.proc.wait()
             run.pid = None
+            _unlink(self.pid_path(run.task.name))
             if not should_restart(run.task.restart, run.exit_code, run.stopping):
                 run.state = "exited"
                 return
@@ -107,6 +111,8 @@ class Supervisor:
                 cwd=run.task.workdir if os.path.isdir(run.task.workdir or "") else "/",
                 start_new_session=True)
         run.pid, run.state, run.started_at = run.proc.pid, "running", time.time()
+        with open(self.pid_path(run.task.name), "w") as f:
+            f.write(f"{run.pid} {start_time(run.pid)}\n")
 
     async def stop(self, name: str, grace: float = STOP_GRACE) -> None:
         run = self.runs.pop(name, None)
@@ -132,6 +138,38 @@ class Supervisor:
             return {"state": "stopped", "pid": None, "exit_code": None, "restarts": 0}
         return {"state": run.state, "pid": run.pid, "exit_code": run.exit_code,
                 "restarts": run.restarts, "started_at": run.started_at}
+
+
+def start_time(pid: int) -> str:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat): tells a PID's reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def kill_leftovers(log_dir: str) -> list[int]:
+    """Kill the process groups of tasks whose daemon died (from their pid files); returns the PIDs."""
+    killed = []
+    for entry in os.listdir(log_dir) if os.path.isdir(log_dir) else []:
+        if not entry.endswith(".pid"):
+            continue
+        path = os.path.join(log_dir, entry)
+        with open(path) as f:
+            pid, _, started = f.read().strip().partition(" ")
+        if pid.isdigit() and started and start_time(int(pid)) == started:
+            _signal_group(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
+        _unlink(path)
+    return killed
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -1,5 +1,5 @@
 """Remove what a daemon of a host namespace left behind when it could not clean up itself
-(it was killed): sandboxes, their /etc/netns folders, mesh links and the `mesh` table of the host.
+(it was killed): task processes (from their pid files), sandboxes, their /etc/netns folders, mesh links and the `mesh` table of the host.
 
     sweep(host_netns)   # returns what it removed; `mesh down` calls it when no daemon answers
 """
@@ -13,13 +13,15 @@ from mesh.agent import ETC_NETNS
 from mesh.hostrules import render_delete_table
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
+from mesh.paths import Paths
+from mesh.runtime import kill_leftovers
 
 OUR_LINKS = ("mhb", "mhv", "mhm")   # bridges, veth host sides, macvlans in transit
 
 
 def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     nl = nl or Netlink()
-    removed = []
+    removed = [f"process {pid}" for pid in kill_leftovers(Paths.for_host(host_netns).logs)]
     prefix = names.sandbox_prefix(host_netns)
     for ns in nl.list_netns(prefix):
         if ns != host_netns:

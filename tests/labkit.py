@@ -53,7 +53,7 @@ class Lab:
         sh(["ip", "link", "set", "lo", "up"], self.host)
 
     def mesh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "mesh", *args, "--host-netns", self.host],
+        proc = subprocess.run([sys.executable, "-m", "mesh", "--host-netns", self.host, *args],
                               capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"mesh {' '.join(args)} exited {proc.returncode}:\n"
