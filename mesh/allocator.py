@@ -29,22 +29,67 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     pools = _pools(networks)
     names_ = _task_names(stack)
     _check_runtime_changes(names_, networks, connections, disconnections)
+    plans = {task: (stack.services[svc], slot,
+                    _attachments(stack.services[svc], task, networks, connections, disconnections))
+             for svc, slot, task in names_ if not _shares_sandbox(stack.services[svc])}
+    kept = _reserve_known(plans, previous, pools)
+    vips = _vips(stack, networks, pools, previous)
     tasks: dict[str, TaskState] = {}
-    for svc_name, slot, task_name in names_:
-        svc = stack.services[svc_name]
-        if svc.network_mode and svc.network_mode.split(":")[0] in ("container", "service"):
-            continue
+    for task_name, (svc, slot, attach) in plans.items():
         old = previous.tasks.get(task_name)
-        attach = _attachments(svc, task_name, networks, connections, disconnections)
-        endpoints = _endpoints(task_name, svc, attach, old, networks, pools, host_netns)
+        endpoints = _endpoints(task_name, attach, old, kept, networks, pools, host_netns)
         tasks[task_name] = _task(stack, svc, slot, task_name, old, endpoints, host_netns)
     for svc_name, slot, task_name in names_:
         svc = stack.services[svc_name]
         if task_name not in tasks:
             tasks[task_name] = _shared_task(stack, svc, slot, task_name, tasks, previous, names_)
-    tasks = {n: _with_links(t, stack, tasks, names_) for n, t in tasks.items()}
+    tasks = {n: _with_links(t, stack, tasks, names_) for n, t in sorted(tasks.items(), key=_order(names_))}
     pubs = _publications(stack, tasks, networks, previous, names_)
-    return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections)
+    return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections, vips)
+
+
+def _shares_sandbox(svc: Service) -> bool:
+    return bool(svc.network_mode) and svc.network_mode.split(":")[0] in ("container", "service")
+
+
+def _order(names_):
+    rank = {task: i for i, (_, _, task) in enumerate(names_)}
+    return lambda item: rank[item[0]]
+
+
+def _reserve_known(plans, previous: DesiredState, pools) -> dict[tuple[str, str], str]:
+    """Static addresses first, then the addresses tasks already had: a new task never takes them."""
+    kept: dict[tuple[str, str], str] = {}
+    for task, (svc, _, attach) in plans.items():
+        static = {a.network: a.ipv4_address for a in svc.networks if a.ipv4_address}
+        for net, _ in attach:
+            if net in static:
+                where = f"services.{svc.name}.networks.{net}.ipv4_address"
+                kept[(task, net)] = str(pools[net].reserve(static[net], where))
+    for task, (_, _, attach) in plans.items():
+        old = previous.tasks.get(task)
+        old_eps = {e.network: e.address for e in old.endpoints} if old else {}
+        for net, _ in attach:
+            address = old_eps.get(net)
+            if (task, net) not in kept and address and _free(pools[net], address):
+                kept[(task, net)] = str(pools[net].reserve(address))
+    return kept
+
+
+def _free(pool: AddressPool, address: str) -> bool:
+    ip = ip_address(address)
+    return ip in pool.subnet and ip not in pool.used
+
+
+def _vips(stack: Stack, networks, pools, previous: DesiredState) -> tuple[tuple[str, str, str], ...]:
+    """One virtual IP per service (endpoint_mode vip) per user-defined network it is attached to."""
+    old = {(s, n): a for s, n, a in previous.vips}
+    wanted = [(svc.name, a.network) for svc in stack.services.values()
+              if svc.endpoint_mode == "vip" and not svc.network_mode for a in svc.networks
+              if not networks[a.network].builtin]
+    chosen = {key: str(pools[key[1]].reserve(old[key])) for key in wanted
+              if key in old and _free(pools[key[1]], old[key])}
+    return tuple((s, n, chosen.get((s, n)) or str(pools[n].allocate())) for s, n in wanted)
 
 
 def _build_networks(stack: Stack, previous: DesiredState, routes: list[IPv4Network],
@@ -143,27 +188,20 @@ def _attachments(svc: Service, task: str, networks, connections, disconnections)
     return [(net, aliases) for net, aliases in attach if (task, net) not in disconnections]
 
 
-def _endpoints(task: str, svc: Service, attach, old: TaskState | None, networks, pools,
+def _endpoints(task: str, attach, old: TaskState | None, kept, networks, pools,
                host_netns: str | None) -> tuple[EndpointState, ...]:
     sandbox = names.sandbox_netns(host_netns, task)
     old_eps = {e.network: e for e in old.endpoints} if old else {}
-    static = {a.network: a.ipv4_address for a in svc.networks if a.ipv4_address}
     used_if = {old_eps[n].ifname for n, _ in attach if n in old_eps}
     out = []
     for net_name, aliases in attach:
-        net, pool = networks[net_name], pools[net_name]
+        net = networks[net_name]
+        address = kept.get((task, net_name)) or str(pools[net_name].allocate())
         prev = old_eps.get(net_name)
-        if net_name in static:
-            where = f"services.{svc.name}.networks.{net_name}.ipv4_address"
-            address = pool.reserve(static[net_name], where)
-        elif prev and ip_address(prev.address) in pool.subnet and ip_address(prev.address) not in pool.used:
-            address = pool.reserve(prev.address)
-        else:
-            address = pool.allocate()
         ifname = prev.ifname if prev else _free_ifname(used_if)
         used_if.add(ifname)
         link = (names.veth_link if net.driver == "bridge" else names.macvlan_link)(sandbox, net_name)
-        out.append(EndpointState(net_name, ifname, str(address), net.prefixlen, link, tuple(aliases)))
+        out.append(EndpointState(net_name, ifname, address, net.prefixlen, link, tuple(aliases)))
     return _with_default_route(sorted(out, key=lambda e: int(e.ifname[3:])), networks)
 
 

@@ -21,6 +21,7 @@ class Port:
     protocol: str = "tcp"            # "tcp" | "udp"
     mode: str = "ingress"            # "ingress" | "host"
     host_ip: str | None = None
+    name: str | None = None          # names the SRV record _<name>._<protocol>.<service>
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Service:
     placement: Placement = Placement()
     healthcheck: Healthcheck | None = None
     extensions: dict[str, object] = field(default_factory=dict)   # the service's `x-mesh` mapping
+    dns: tuple[str, ...] = ()        # upstream resolvers of the embedded DNS ("addr" or "addr:port")
 
 
 @dataclass(frozen=True)

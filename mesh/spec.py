@@ -169,6 +169,7 @@ class ServiceSpec(_Spec):
     restart: Optional[Restart] = None
     deploy: Optional[DeploySpec] = None
     healthcheck: Optional[HealthcheckSpec] = None
+    dns: Optional[_either({str: str, list: list[str]}, "expected an address or a list of them")] = None
     x_mesh: Optional[dict[Any, Any]] = Field(None, alias="x-mesh")
 
 
@@ -438,7 +439,7 @@ class _Builder:
             mode=deploy.mode or "replicated", endpoint_mode=deploy.endpoint_mode or "vip",
             placement=self.placement(deploy.placement, f"{path}.deploy.placement"),
             healthcheck=self.healthcheck(spec.healthcheck, f"{path}.healthcheck"),
-            extensions=_json_safe(spec.x_mesh or {}))
+            extensions=_json_safe(spec.x_mesh or {}), dns=self.dns(spec.dns, f"{path}.dns"))
 
     def check_deploy(self, path: str, spec: ServiceSpec, deploy: DeploySpec) -> None:
         replicas = deploy.replicas if deploy.replicas is not None else 1
@@ -457,6 +458,21 @@ class _Builder:
             self.error(f"{path}.deploy.endpoint_mode", "endpoint_mode dnsrr has no virtual IP, so ports "
                        "cannot be published in ingress mode (Swarm refuses it): use mode: host on the "
                        "ports or endpoint_mode: vip")
+
+    def dns(self, value: str | list[str] | None, path: str) -> tuple[str, ...]:
+        """`dns:` upstreams, "addr" or "addr:port" (IPv4), for the embedded resolver to forward to."""
+        servers = [value] if isinstance(value, str) else list(value or [])
+        for i, server in enumerate(servers):
+            addr, _, port = server.partition(":")
+            try:
+                IPv4Address(addr)
+                ok = not port or 1 <= int(port) <= 65535
+            except ValueError:
+                ok = False
+            if not ok:
+                self.error(f"{path}[{i}]" if not isinstance(value, str) else path,
+                           f"expected an IPv4 address, optionally with :port, got {server!r}")
+        return tuple(servers)
 
     def command(self, value: str | list[str] | None, path: str) -> tuple[str, ...]:
         if value is None or isinstance(value, list):
@@ -699,7 +715,7 @@ def _lists(value: object) -> object:
 def _service_from(d: Mapping[str, Any]) -> Service:
     health, placement = d.get("healthcheck"), d.get("placement") or {}
     return Service(**{
-        **d, "command": tuple(d.get("command", ())),
+        **d, "command": tuple(d.get("command", ())), "dns": tuple(d.get("dns", ())),
         "networks": tuple(Attachment(**{**a, "aliases": tuple(a.get("aliases", ()))})
                           for a in d.get("networks", ())),
         "ports": tuple(Port(**p) for p in d.get("ports", ())),

@@ -2,7 +2,7 @@
 
 `PortSpec` accepts compose's short syntax (`80`, "8080:80", "8080:80/udp", "127.0.0.1:8080:80",
 "127.0.0.1::80", "8000-8001:80-81") and long syntax (a mapping with target, published, protocol,
-mode, host_ip; `name` and `app_protocol` are accepted and unused). `PortSpec.expand()` turns one
+mode, host_ip, name (for SRV records); `app_protocol` is accepted and unused). `PortSpec.expand()` turns one
 entry into mesh.model.Port values, one per port of a range. Errors are raised as pydantic errors of
 type "mesh" whose message is final (see `problem`).
 """
@@ -133,7 +133,8 @@ class PortSpec(BaseModel):
         first_published = self.published[0] if self.published else None
         return [Port(target=self.target[0] + i,
                      published=None if first_published is None else first_published + i,
-                     protocol=self.protocol, mode=self.mode, host_ip=self.host_ip)
+                     protocol=self.protocol, mode=self.mode, host_ip=self.host_ip,
+                     name=self.name if _span(self.target) == 1 else None)
                 for i in range(_span(self.target))]
 
 

@@ -75,6 +75,10 @@ class DesiredState:
     publications: tuple[Publication, ...] = ()
     connections: tuple[tuple[str, str], ...] = ()      # (task, network) added at run time
     disconnections: tuple[tuple[str, str], ...] = ()   # (task, network) removed at run time
+    vips: tuple[tuple[str, str, str], ...] = ()         # (service, network, virtual IP)
+
+    def vip(self, service: str, network: str) -> str | None:
+        return next((a for s, n, a in self.vips if s == service and n == network), None)
 
     def endpoints_on(self, network: str) -> list[tuple[TaskState, EndpointState]]:
         return [(t, e) for t in self.tasks.values() for e in t.endpoints if e.network == network]

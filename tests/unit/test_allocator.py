@@ -27,7 +27,8 @@ def test_tasks_endpoints_and_default_bridge():
     assert set(d.networks) == {"bridge", "front"}
     assert d.networks["bridge"].subnet == "172.17.0.0/16"
     web1, web2 = d.tasks["web.1"], d.tasks["web.2"]
-    assert [e.address for e in web1.endpoints + web2.endpoints] == ["10.9.0.2", "10.9.0.3"]
+    assert d.vip("web", "front") == "10.9.0.2" and d.vip("web", "bridge") is None
+    assert [e.address for e in web1.endpoints + web2.endpoints] == ["10.9.0.3", "10.9.0.4"]
     assert web1.endpoints[0].ifname == "eth0" and web1.endpoints[0].default_gateway == "10.9.0.1"
     assert web1.endpoints[0].aliases == ("www",)
     assert web1.sandbox == "mesh-h-web.1" and web1.embedded_dns
@@ -116,6 +117,20 @@ def test_host_table_renders_every_rule_kind():
     front, inner_link = d.networks["front"].link, d.networks["inner"].link
     assert f'ip saddr 10.9.0.0/24 oifname != "{front}" masquerade' in text
     assert f'iifname "{inner_link}" oifname != "{inner_link}" drop' in text
-    assert "th dport 8080 dnat ip addr . port to numgen random mod 2 map { 0 : 10.9.0.2 . 80, 1 : 10.9.0.3 . 80 }" in text
+    assert "th dport 8080 dnat ip addr . port to numgen random mod 2 map { 0 : 10.9.0.3 . 80, 1 : 10.9.0.4 . 80 }" in text
     assert "ip daddr 127.0.0.1 meta l4proto udp th dport 5353 dnat ip addr . port to numgen" in text
     assert text.startswith("table ip mesh\ndelete table ip mesh\n")
+
+
+def test_a_new_task_never_takes_an_address_another_task_keeps():
+    def st(a_replicas):
+        return stack([Service("a", replicas=a_replicas, networks=(Attachment("front"),)),
+                      Service("b", networks=(Attachment("front"),)),
+                      Service("c", endpoint_mode="dnsrr", networks=(Attachment("front"),))], [FRONT])
+    first = build(st(1))
+    second = build(st(3), first)
+    for task in ("a.1", "b.1", "c.1"):
+        assert second.tasks[task].endpoints == first.tasks[task].endpoints
+    assert second.vips == first.vips and second.vip("c", "front") is None
+    addresses = [e.address for t in second.tasks.values() for e in t.endpoints] + [a for *_, a in second.vips]
+    assert len(addresses) == len(set(addresses)) == 7

@@ -158,7 +158,7 @@ def test_external_reserved_network_is_allowed():
     ("{target: 80}", Port(80)),
     ("{target: 80, published: 8080, protocol: udp, mode: host, host_ip: 10.0.0.1}",
      Port(80, 8080, "udp", "host", "10.0.0.1")),
-    ('{target: 80, published: "8080", name: web, app_protocol: http}', Port(80, 8080)),
+    ('{target: 80, published: "8080", name: web, app_protocol: http}', Port(80, 8080, name="web")),
 ])
 def test_port_forms(entry, expected):
     assert ports_of(f"[{entry}]") == (expected,)
