@@ -45,7 +45,8 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
             tasks[task_name] = _shared_task(stack, svc, slot, task_name, tasks, previous, names_)
     tasks = {n: _with_links(t, stack, tasks, names_) for n, t in sorted(tasks.items(), key=_order(names_))}
     pubs = _publications(stack, tasks, networks, previous, names_)
-    return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections, vips)
+    return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections, vips,
+                        dict(stack.services))
 
 
 def _shares_sandbox(svc: Service) -> bool:

@@ -39,9 +39,18 @@ def _is_loopback(server: str) -> bool:
     return server.startswith("127.") or server == "::1"
 
 
-def render_resolv_conf(host_text: str) -> str:
-    """The host's resolv.conf minus loopback nameservers (they mean nothing inside a sandbox)."""
+def upstream_servers(host_text: str) -> tuple[str, ...]:
+    """The host's nameservers minus loopback ones: where the embedded resolver forwards by default."""
+    return tuple(s for s in parse_resolv_conf(host_text)[0] if not _is_loopback(s))
+
+
+def render_resolv_conf(host_text: str, embedded: bool = False) -> str:
+    """With the embedded resolver: 127.0.0.11, ndots:0 and the host's search list. Without: the
+    host's resolv.conf minus loopback nameservers (they mean nothing inside a sandbox)."""
     servers, search, options = parse_resolv_conf(host_text)
+    if embedded:
+        lines = ["nameserver 127.0.0.11"] + (["search " + " ".join(search)] if search else [])
+        return "\n".join(lines + ["options ndots:0"]) + "\n"
     servers = [s for s in servers if not _is_loopback(s)] or list(FALLBACK_NAMESERVERS)
     lines = [f"nameserver {s}" for s in servers]
     if search:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.model import Service
+
 
 @dataclass(frozen=True)
 class NetworkState:
@@ -76,6 +78,7 @@ class DesiredState:
     connections: tuple[tuple[str, str], ...] = ()      # (task, network) added at run time
     disconnections: tuple[tuple[str, str], ...] = ()   # (task, network) removed at run time
     vips: tuple[tuple[str, str, str], ...] = ()         # (service, network, virtual IP)
+    services: dict[str, Service] = field(default_factory=dict)   # the stack's, for DNS and LB
 
     def vip(self, service: str, network: str) -> str | None:
         return next((a for s, n, a in self.vips if s == service and n == network), None)

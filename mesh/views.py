@@ -31,6 +31,7 @@ def network_view(net: NetworkState, desired: DesiredState) -> dict:
         "ip_range": net.ip_range, "internal": net.internal, "builtin": net.builtin,
         "link": net.link, "parent": net.parent,
         "embedded_dns": not net.builtin,
+        "vips": {s: a for s, n, a in desired.vips if n == net.name},
         "tasks": [{"name": t.name, "address": e.address, "ifname": e.ifname}
                   for t, e in desired.endpoints_on(net.name)],
     }
