@@ -30,7 +30,8 @@ def _restart_key(t: TaskState) -> tuple:
     return (t.command, t.environment, t.hostname, t.restart, t.sandbox, t.netmode, t.workdir)
 
 
-def _host_resolv(host_netns: str | None) -> str:
+def host_resolv(host_netns: str | None) -> str:
+    """The host namespace's resolv.conf text (/etc/netns/<host>/resolv.conf first, as ip netns exec)."""
     for path in ([os.path.join(ETC_NETNS, host_netns, "resolv.conf")] if host_netns else []) + \
             ["/etc/resolv.conf"]:
         if os.path.exists(path):
@@ -40,11 +41,16 @@ def _host_resolv(host_netns: str | None) -> str:
 
 
 class Agent:
-    def __init__(self, host_netns: str | None, netlink: Netlink, nft: Nft, supervisor: Supervisor):
+    def __init__(self, host_netns: str | None, netlink: Netlink, nft: Nft, supervisor: Supervisor,
+                 dns=None):
         self.host = host_netns
         self.nl = netlink
         self.nft = nft
         self.sup = supervisor
+        self.dns = dns                   # a DnsAgent, or None for no embedded resolver
+        self.dns_kick: asyncio.Task | None = None
+        self.dns_dirty = False
+        supervisor.on_change = self.kick_dns
         self.applied = DesiredState()
         self.created_host = False
         self.created_vlans: set[str] = set()
@@ -60,6 +66,30 @@ class Agent:
                 await self._apply(old, desired)
                 raise
             self.applied = desired
+        await self.sync_dns()
+
+    def live_tasks(self) -> set[str]:
+        """Tasks whose names resolve: all but those exited or waiting to restart."""
+        return {n for n in self.applied.tasks
+                if self.sup.status(n)["state"] not in ("exited", "restarting")}
+
+    async def sync_dns(self) -> None:
+        if self.dns is not None:
+            await self.dns.sync(self.applied, self.live_tasks())
+
+    def kick_dns(self) -> None:
+        """A task changed state: resync DNS soon; a burst of changes coalesces, none is lost."""
+        self.dns_dirty = True
+        if self.dns is not None and (self.dns_kick is None or self.dns_kick.done()):
+            self.dns_kick = asyncio.get_running_loop().create_task(self._drain_dns())
+
+    async def _drain_dns(self) -> None:
+        while self.dns_dirty:
+            self.dns_dirty = False
+            try:
+                await self.sync_dns()
+            except Exception:
+                log.exception("DNS resync failed")
 
     async def _apply(self, desired: DesiredState, old: DesiredState) -> None:
         restart = [n for n, t in old.tasks.items()
@@ -141,7 +171,8 @@ class Agent:
         os.makedirs(folder, exist_ok=True)
         # written in place: running processes see the files through bind mounts of these inodes
         for name, text in (("hosts", render_hosts(task)),
-                           ("resolv.conf", render_resolv_conf(_host_resolv(self.host)))):
+                           ("resolv.conf", render_resolv_conf(host_resolv(self.host),
+                                                              task.embedded_dns))):
             with open(os.path.join(folder, name), "w") as f:
                 f.write(text)
 
@@ -156,6 +187,8 @@ class Agent:
     async def teardown(self) -> None:
         """Stop every process, remove every sandbox, link and table this agent made."""
         async with self.lock:
+            if self.dns is not None:
+                await self.dns.close()
             await self.sup.stop_all()
             await asyncio.to_thread(self._apply_kernel, DesiredState(), self.applied)
             self.applied = DesiredState()

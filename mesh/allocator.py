@@ -72,14 +72,9 @@ def _reserve_known(plans, previous: DesiredState, pools) -> dict[tuple[str, str]
         old_eps = {e.network: e.address for e in old.endpoints} if old else {}
         for net, _ in attach:
             address = old_eps.get(net)
-            if (task, net) not in kept and address and _free(pools[net], address):
+            if (task, net) not in kept and address and pools[net].is_free(address):
                 kept[(task, net)] = str(pools[net].reserve(address))
     return kept
-
-
-def _free(pool: AddressPool, address: str) -> bool:
-    ip = ip_address(address)
-    return ip in pool.subnet and ip not in pool.used
 
 
 def _vips(stack: Stack, networks, pools, previous: DesiredState) -> tuple[tuple[str, str, str], ...]:
@@ -89,7 +84,7 @@ def _vips(stack: Stack, networks, pools, previous: DesiredState) -> tuple[tuple[
               if svc.endpoint_mode == "vip" and not svc.network_mode for a in svc.networks
               if not networks[a.network].builtin]
     chosen = {key: str(pools[key[1]].reserve(old[key])) for key in wanted
-              if key in old and _free(pools[key[1]], old[key])}
+              if key in old and pools[key[1]].is_free(old[key])}
     return tuple((s, n, chosen.get((s, n)) or str(pools[n].allocate())) for s, n in wanted)
 
 

@@ -1,5 +1,5 @@
-"""The daemon, mesh's composition root: wires Netlink, NftCli, Supervisor, Agent and Controller, and
-serves the API (aiohttp) on a unix socket. `mesh up` starts it when none runs for the host namespace.
+"""The daemon, mesh's composition root: wires Netlink, NftCli, Supervisor, the DNS resolver, Agent
+and Controller, and serves the API (aiohttp) on a unix socket. `mesh up` starts it when none runs for the host namespace.
 
     mesh daemon [--host-netns NAME]          # normally started for you by `mesh up`
 
@@ -16,8 +16,11 @@ import signal
 
 from aiohttp import web
 
-from mesh.agent import Agent
+from mesh.agent import Agent, host_resolv
 from mesh.controller import Controller
+from mesh.dns.server import Resolver
+from mesh.dnsagent import DnsAgent, HostSockets
+from mesh.etcfiles import upstream_servers
 from mesh.errors import Conflict, MeshError, NotFound
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
@@ -104,7 +107,10 @@ async def serve(host_netns: str | None) -> None:
     paths = Paths.for_host(host_netns)
     os.makedirs(paths.root, exist_ok=True)
     nl = Netlink()
-    agent = Agent(host_netns, nl, NftCli(), Supervisor(paths.logs, host_netns))
+    nft = NftCli()
+    resolver = Resolver(socket_factory=HostSockets(host_netns))
+    dns = DnsAgent(host_netns, resolver, nft, upstream_servers(host_resolv(host_netns)))
+    agent = Agent(host_netns, nl, nft, Supervisor(paths.logs, host_netns), dns)
     ctl = Controller(agent, nl)
     stop = asyncio.Event()
     def on_signal(sig: int) -> None:
@@ -126,6 +132,7 @@ async def serve(host_netns: str | None) -> None:
         await asyncio.sleep(0.05)      # let the response to /v1/down go out
     finally:
         await ctl.down()
+        await resolver.close()
         await runner.cleanup()
         for path in (paths.socket, paths.pid_file):
             if os.path.exists(path):

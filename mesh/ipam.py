@@ -63,6 +63,11 @@ class AddressPool:
             return True
         return ip not in (self.subnet.network_address, self.subnet.broadcast_address)
 
+    def is_free(self, address: str | IPv4Address) -> bool:
+        """True when `address` could be reserved here: inside the subnet, usable, not in use."""
+        ip = ip_address(address)
+        return ip in self.subnet and self._usable(ip) and ip not in self.used
+
     def allocate(self) -> IPv4Address:
         for ip in self.range:
             if ip not in self.used and self._usable(ip):

@@ -71,6 +71,7 @@ class Supervisor:
         self.log_dir = log_dir
         self.host_netns = host_netns
         self.runs: dict[str, Run] = {}
+        self.on_change = lambda: None    # called when a task's state changes (the agent resyncs DNS)
         os.makedirs(log_dir, exist_ok=True)
 
     def log_path(self, name: str) -> str:
@@ -98,8 +99,10 @@ class Supervisor:
             _unlink(self.pid_path(run.task.name))
             if not should_restart(run.task.restart, run.exit_code, run.stopping):
                 run.state = "exited"
+                self.on_change()
                 return
             run.state, run.restarts = "restarting", run.restarts + 1
+            self.on_change()
             delay = 0.1 if time.monotonic() - t0 > 10 else min(delay * 2, 5.0)
             await asyncio.sleep(delay)
 
@@ -111,6 +114,8 @@ class Supervisor:
                 cwd=run.task.workdir if os.path.isdir(run.task.workdir or "") else "/",
                 start_new_session=True)
         run.pid, run.state, run.started_at = run.proc.pid, "running", time.time()
+        if run.restarts:
+            self.on_change()
         with open(self.pid_path(run.task.name), "w") as f:
             f.write(f"{run.pid} {start_time(run.pid)}\n")
 

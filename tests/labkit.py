@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = str(ROOT / "examples" / "echo_server.py")
+DNS_STUB = str(ROOT / "tests" / "dnsstub.py")
 SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
@@ -51,6 +53,11 @@ class Lab:
         self.tmp = tmp
         sh(["ip", "netns", "add", self.host])
         sh(["ip", "link", "set", "lo", "up"], self.host)
+        # The host namespace's own resolv.conf: a search list and no nameserver, so nothing a test
+        # does can forward DNS to this machine's resolver; tests that forward give `dns:` a stub.
+        self.etc = Path("/etc/netns") / self.host
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.etc / "resolv.conf").write_text("search lab.test\n")
 
     def mesh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "mesh", "--host-netns", self.host, *args],
@@ -101,6 +108,7 @@ class Lab:
         self.mesh("down", check=False)
         for ns in self.extra_ns + [self.host]:
             sh(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(self.etc, ignore_errors=True)
 
 
 def curl(url: str, netns: str | None, tries: float = 5.0, max_time: float = 2.0) -> str:
