@@ -100,6 +100,11 @@ class Resolver:
         if self._timer is None:
             self._timer = loop.call_later(RESHUFFLE, self._reshuffle)
 
+    def configure(self, *, upstream_timeout: float, max_inflight: int) -> None:
+        """Change the forwarding limits; queries already in flight keep the old timeout."""
+        self._forwarder.timeout = upstream_timeout
+        self.max_inflight = max_inflight
+
     def set_view(self, key: str, view: View) -> None:
         """Answer from `view` from the next query on; that sandbox's cached replies are dropped."""
         sb = self._sandboxes[key]

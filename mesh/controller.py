@@ -10,7 +10,7 @@ import asyncio
 
 from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
-from mesh.model import Stack
+from mesh.model import DnsOptions, Stack
 from mesh.state import DesiredState, TaskState
 
 
@@ -41,7 +41,15 @@ class Controller:
 
     async def up(self, stack: Stack) -> DesiredState:
         keep = lambda pairs: tuple((t, n) for t, n in pairs if self.desired.tasks.get(t))
-        return await self._build_and_apply(stack, keep(self.connections), keep(self.disconnections))
+        dns = self.agent.dns
+        if dns is not None:
+            dns.configure(stack.dns)
+        try:
+            return await self._build_and_apply(stack, keep(self.connections), keep(self.disconnections))
+        except Exception:
+            if dns is not None:
+                dns.configure(self.stack.dns if self.stack else DnsOptions())
+            raise
 
     def task(self, name: str) -> TaskState:
         task = self.desired.tasks.get(name)

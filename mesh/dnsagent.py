@@ -7,6 +7,7 @@ thread that visits the sandbox (mesh.netns.entered); the sandbox's own `mesh` ta
 rebuilt on every change and swapped whole; upstream sockets are made in the host namespace.
 
     dns = DnsAgent(host_netns, Resolver(...), NftCli(), upstreams=("10.0.0.2",))
+    dns.configure(stack.dns)                 # the stack's x-mesh.dns options
     await dns.sync(desired, live_tasks)      # after every change of tasks or their state
     await dns.close()
 """
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mesh import netns
 from mesh.dns.records import DEFAULT_TTL, build_views
 from mesh.dns.view import View
+from mesh.model import DnsOptions
 from mesh.nft import Nft
 from mesh.state import DesiredState
 
@@ -78,8 +80,16 @@ class DnsAgent:
         self.host = host_netns
         self.resolver = resolver
         self.nft = nft
+        self.host_upstreams = upstreams
         self.upstreams = upstreams
         self.ttl = ttl
+
+    def configure(self, options: DnsOptions) -> None:
+        """The stack's `x-mesh.dns`: TTL, default upstreams (else the host's), forwarding limits."""
+        self.ttl = options.ttl
+        self.upstreams = options.upstreams or self.host_upstreams
+        self.resolver.configure(upstream_timeout=options.upstream_timeout,
+                                max_inflight=options.max_inflight)
         self.views: dict[str, View] = {}
         self.lock = asyncio.Lock()
 

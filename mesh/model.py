@@ -94,9 +94,19 @@ class Service:
 
 
 @dataclass(frozen=True)
+class DnsOptions:
+    """The stack's top-level `x-mesh: {dns: {...}}`: how the embedded resolver behaves."""
+    ttl: int = 600                   # names; `tasks.` and dnsrr answers use min(ttl, 5)
+    upstream_timeout: float = 4.0    # per upstream
+    upstreams: tuple[str, ...] = ()  # default upstreams ("addr" or "addr:port"); empty = the host's
+    max_inflight: int = 100          # forwarded queries at once; REFUSED beyond
+
+
+@dataclass(frozen=True)
 class Stack:
     name: str
     services: dict[str, Service]
     networks: dict[str, Network]
     warnings: tuple[str, ...] = ()
     directory: str = ""              # where the stack file is: tasks start there (compose's project dir)
+    dns: DnsOptions = DnsOptions()

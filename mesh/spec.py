@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from mesh.errors import SpecError
 from mesh.interpolate import interpolate, join_path
-from mesh.model import IpamConfig, Network, Stack
+from mesh.model import DnsOptions, IpamConfig, Network, Stack
 from mesh.spec_build import Builder, as_lists, project_name, service_from_dict
 from mesh.spec_models import StackSpec
 from mesh.spec_ports import show
@@ -75,7 +75,9 @@ def stack_from_dict(data: Mapping[str, Any]) -> Stack:
                      services={k: service_from_dict(v) for k, v in data["services"].items()},
                      networks={k: Network(**{**v, "ipam": tuple(IpamConfig(**c) for c in v.get("ipam", ()))})
                                for k, v in data["networks"].items()},
-                     warnings=tuple(data.get("warnings", ())), directory=data.get("directory", ""))
+                     warnings=tuple(data.get("warnings", ())), directory=data.get("directory", ""),
+                     dns=DnsOptions(**{**data.get("dns", {}),
+                                       "upstreams": tuple(data.get("dns", {}).get("upstreams", ()))}))
     except (KeyError, TypeError, AttributeError) as err:
         raise SpecError([("", f"malformed stack document: {err!r}")]) from None
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from mesh.errors import SpecError
 from mesh.interpolate import join_path
-from mesh.model import (DEFAULT_NETWORK, Attachment, Healthcheck, IpamConfig, Link,
+from mesh.model import (DEFAULT_NETWORK, DnsOptions, Attachment, Healthcheck, IpamConfig, Link,
                         Network, Placement, Port, Service, Stack)
 from mesh.spec_ports import show
 from mesh.spec_models import (CONSTRAINT_RE, ENV_KEY_RE, NAME_RE, NAME_RULE, NO_PORTS, PROJECT_RE,
@@ -49,9 +49,24 @@ class Builder:
         self.check_container_names(services)
         self.check_static_addresses(services, networks)
         self.check_subnets_disjoint(networks)
+        dns = self.dns_options()
         if self.problems:
             raise SpecError(self.problems)
-        return Stack(name, services, networks, (), directory)
+        return Stack(name, services, networks, (), directory, dns)
+
+    def dns_options(self) -> DnsOptions:
+        spec = self.spec.x_mesh.dns if self.spec.x_mesh and self.spec.x_mesh.dns else None
+        if spec is None:
+            return DnsOptions()
+        default = DnsOptions()
+        if spec.upstream_timeout is not None and spec.upstream_timeout <= 0:
+            self.error("x-mesh.dns.upstream_timeout", "expected a duration above zero, "
+                                                       f"got {spec.upstream_timeout}s")
+        return DnsOptions(
+            ttl=default.ttl if spec.ttl is None else spec.ttl,
+            upstream_timeout=spec.upstream_timeout or default.upstream_timeout,
+            upstreams=self.dns(spec.upstreams, "x-mesh.dns.upstreams"),
+            max_inflight=spec.max_inflight or default.max_inflight)
 
     # -- networks
 

@@ -172,9 +172,21 @@ class NetworkSpec(_Spec):
     attachable: Bool = False
 
 
+class DnsOptionsSpec(_Spec):
+    ttl: Optional[Positive] = None
+    upstream_timeout: Optional[Duration] = None
+    upstreams: Optional[list[str]] = None
+    max_inflight: Optional[Positive] = None
+
+
+class MeshOptionsSpec(_Spec):
+    dns: Optional[DnsOptionsSpec] = None
+
+
 class StackSpec(_Spec):
     name: Optional[str] = None
     version: Any = None                         # obsolete in compose, ignored silently
     services: dict[str, ServiceSpec]
     networks: Optional[dict[str, Optional[NetworkSpec]]] = None
+    x_mesh: Optional[MeshOptionsSpec] = Field(None, alias="x-mesh")
 

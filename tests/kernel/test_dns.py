@@ -211,3 +211,30 @@ networks:
     assert _eventually(lambda: short(lab, "probe.1", "other.1") == [addr(lab, "other.1", "back")])
     lab.mesh("network", "disconnect", "back", "probe.1")
     assert _eventually(lambda: short(lab, "probe.1", "other.1") == [])
+
+
+def test_ttl_upstreams_and_timeout_are_configurable(lab):
+    stub_ns, _ = lab.client()
+    lab.up("""
+x-mesh:
+  dns: {ttl: 30, upstreams: ["10.250.1.2"], upstream_timeout: 1s}
+services:
+  app:
+    command: sleep 300
+    networks: [front]
+  web:
+    command: sleep 300
+    networks: [front]
+networks:
+  front: {}
+""")
+    assert " 30 IN A " in dig(lab, "app.1", "web").replace("\t", " ")
+    assert " 5 IN A " in dig(lab, "app.1", "tasks.web").replace("\t", " ")
+    started = time.monotonic()
+    assert "status: SERVFAIL" in dig(lab, "app.1", "+time=5", "www.ext.test")   # stub not running yet
+    assert time.monotonic() - started < 3.5          # one upstream, 1 s timeout (not the default 4 s)
+    with Background(stub_ns, [sys.executable, DNS_STUB, "10.250.1.2"]):
+        deadline = time.monotonic() + 10
+        while short(lab, "app.1", "www.ext.test") != ["192.0.2.1"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert short(lab, "app.1", "www.ext.test") == ["192.0.2.1"]
