@@ -83,6 +83,8 @@ class DnsAgent:
         self.host_upstreams = upstreams
         self.upstreams = upstreams
         self.ttl = ttl
+        self.views: dict[str, View] = {}
+        self.lock = asyncio.Lock()
 
     def configure(self, options: DnsOptions) -> None:
         """The stack's `x-mesh.dns`: TTL, default upstreams (else the host's), forwarding limits."""
@@ -90,8 +92,6 @@ class DnsAgent:
         self.upstreams = options.upstreams or self.host_upstreams
         self.resolver.configure(upstream_timeout=options.upstream_timeout,
                                 max_inflight=options.max_inflight)
-        self.views: dict[str, View] = {}
-        self.lock = asyncio.Lock()
 
     async def sync(self, desired: DesiredState, live: set[str]) -> None:
         async with self.lock:
