@@ -101,12 +101,17 @@ services:
 
 
 def test_hostname_and_sandbox_files(lab):
-    lab.up("""
+    proc = lab.up("""
 services:
   web:
+    image: nginx:latest
     hostname: shop-frontend
     command: "@ECHO@ 80"
+    volumes: ["./data:/data"]
 """)
+    warnings = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "services.web.image" in warnings[0] and "services.web.volumes" in warnings[0]
     assert lab.exec("web.1", "hostname").stdout.strip() == "shop-frontend"
     hosts = lab.exec("web.1", "cat", "/etc/hosts").stdout
     address = lab.task("web.1")["networks"]["default"]["address"]
