@@ -19,6 +19,7 @@ from mesh import netns as ns
 from mesh.errors import MeshError
 from mesh.names import LINK_PREFIX
 from mesh.nft import in_netns
+from mesh.overlay import mac_for
 
 
 def _ipr(netns: str | None) -> IPRoute:
@@ -27,6 +28,19 @@ def _ipr(netns: str | None) -> IPRoute:
         return IPRoute()
     with ns.entered(netns):
         return IPRoute()
+
+
+NUD_PERMANENT = 0x80
+EEXIST, ENOENT = 17, 2
+
+
+def _quiet(call, *args, **kwargs) -> None:
+    """A netlink change that may already be in place (adding) or already gone (removing)."""
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in (EEXIST, ENOENT):
+            raise
 
 
 def _index(ipr: IPRoute, ifname: str) -> int | None:
@@ -121,15 +135,19 @@ class Netlink:
 
     # -- endpoints ----------------------------------------------------------------------------
     def add_veth_endpoint(self, host: str | None, bridge: str, host_if: str, sandbox: str,
-                          ifname: str, address: str, prefixlen: int, gateway: str | None) -> None:
+                          ifname: str, address: str, prefixlen: int, gateway: str | None,
+                          mtu: int | None = None) -> None:
+        mac = mac_for(address)       # deterministic, so other nodes can program it (mesh.overlay)
         with _ipr(host) as ipr:
             if _index(ipr, host_if) is None:
                 ipr.link("add", ifname=host_if, kind="veth",
-                         peer={"ifname": ifname, "net_ns_fd": ns.path(sandbox)})
+                         peer={"ifname": ifname, "net_ns_fd": ns.path(sandbox), "address": mac})
             index = _index(ipr, host_if)
+            if mtu:
+                ipr.link("set", index=index, mtu=mtu)
             ipr.link("set", index=index, master=_index(ipr, bridge), state="up")
             ipr.brport("set", index=index, mode=1)   # IFLA_BRPORT_MODE: hairpin
-        self._configure(sandbox, ifname, address, prefixlen, gateway)
+        self._configure(sandbox, ifname, address, prefixlen, gateway, mtu)
 
     def add_macvlan_endpoint(self, host: str | None, parent: str, tmp_if: str, sandbox: str,
                              ifname: str, address: str, prefixlen: int, gateway: str | None) -> None:
@@ -148,9 +166,11 @@ class Netlink:
         self._configure(sandbox, ifname, address, prefixlen, gateway)
 
     def _configure(self, sandbox: str, ifname: str, address: str, prefixlen: int,
-                   gateway: str | None) -> None:
+                   gateway: str | None, mtu: int | None = None) -> None:
         with _ipr(sandbox) as ipr:
             index = _index(ipr, ifname)
+            if mtu:
+                ipr.link("set", index=index, mtu=mtu)
             if not ipr.get_addr(index=index, address=address):
                 ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
@@ -159,6 +179,35 @@ class Netlink:
                     ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index)
                 except NetlinkError as exc:
                     raise MeshError(f"default route via {gateway} in {sandbox}: {exc}") from exc
+
+    # -- overlay ------------------------------------------------------------------------------
+    def add_vxlan(self, netns: str | None, bridge: str, link: str, vni: int, local: str,
+                  mtu: int, port: int = 4789) -> None:
+        """A VXLAN device (learning off, ARP proxy on) as a port of `bridge`, both at `mtu`."""
+        with _ipr(netns) as ipr:
+            if _index(ipr, bridge) is None:
+                ipr.link("add", ifname=bridge, kind="bridge")
+            if _index(ipr, link) is None:
+                ipr.link("add", ifname=link, kind="vxlan", vxlan_id=vni, vxlan_local=local,
+                         vxlan_port=port, vxlan_learning=0, vxlan_proxy=1)
+            br = _index(ipr, bridge)
+            ipr.link("set", index=br, mtu=mtu, state="up")
+            ipr.link("set", index=_index(ipr, link), master=br, mtu=mtu, state="up")
+
+    def set_fdb(self, netns: str | None, link: str, mac: str, remote: str, present: bool) -> None:
+        """Add (or remove) the static FDB entry `mac` -> VTEP `remote` on VXLAN device `link`."""
+        with _ipr(netns) as ipr:
+            index = _index(ipr, link)
+            if index is not None:
+                _quiet(ipr.fdb, "append" if present else "del", ifindex=index, lladdr=mac, dst=remote)
+
+    def set_neigh(self, netns: str | None, link: str, address: str, mac: str, present: bool) -> None:
+        """Add (or remove) the permanent neighbour entry `address` -> `mac` on `link`."""
+        with _ipr(netns) as ipr:
+            index = _index(ipr, link)
+            if index is not None:
+                _quiet(ipr.neigh, "replace" if present else "del", dst=address, lladdr=mac,
+                       ifindex=index, state=NUD_PERMANENT)
 
     def addresses(self, netns: str | None) -> dict[str, list[str]]:
         """ifname -> IPv4 addresses, for inspection and tests."""
