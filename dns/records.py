@@ -97,13 +97,14 @@ def _merge(parts: list[_Names], forward: bool, upstreams: tuple[str, ...]) -> Vi
 
 
 def build_views(desired: DesiredState, live: set[str], upstreams: tuple[str, ...],
-                ttl: int = DEFAULT_TTL) -> dict[str, View]:
-    """sandbox name -> View, for every sandbox that has an embedded resolver."""
+                ttl: int = DEFAULT_TTL, node: str = "") -> dict[str, View]:
+    """sandbox name -> View, for every sandbox of `node` that has an embedded resolver (names come
+    from the tasks of every node)."""
     services = desired.services
     cache: dict[str, _Names] = {}
     views = {}
     for task in desired.tasks.values():
-        if not (task.embedded_dns and task.owns_sandbox and task.sandbox):
+        if not (task.embedded_dns and task.owns_sandbox and task.sandbox) or task.node != node:
             continue
         nets = [desired.networks[e.network] for e in task.endpoints
                 if not desired.networks[e.network].builtin]

@@ -14,11 +14,13 @@ import asyncio
 import logging
 import os
 import shutil
+from dataclasses import replace
 
 from mesh.etcfiles import render_hosts, render_resolv_conf
 from mesh.hostrules import render_delete_table, render_host_table
 from mesh.netlink import Netlink
 from mesh.nft import Nft
+from mesh.overlay import OverlayPlan, build_overlay_plan, diff_entries, vxlan_link
 from mesh.runtime import Supervisor
 from mesh.state import DesiredState, EndpointState, NetworkState, TaskState
 
@@ -42,8 +44,10 @@ def host_resolv(host_netns: str | None) -> str:
 
 class Agent:
     def __init__(self, host_netns: str | None, netlink: Netlink, nft: Nft, supervisor: Supervisor,
-                 dns=None):
+                 dns=None, node: str = ""):
         self.host = host_netns
+        self.node = node                 # in a cluster: this agent's node; it runs only its tasks
+        self.overlay = OverlayPlan()
         self.nl = netlink
         self.nft = nft
         self.sup = supervisor
@@ -69,7 +73,8 @@ class Agent:
         await self.sync_dns()
 
     def live_tasks(self) -> set[str]:
-        """Tasks whose names resolve: all but those exited or waiting to restart."""
+        """Tasks whose names resolve: all but those exited or waiting to restart (another node's
+        tasks are not in this supervisor: they count as live)."""
         return {n for n in self.applied.tasks
                 if self.sup.status(n)["state"] not in ("exited", "restarting")}
 
@@ -92,11 +97,12 @@ class Agent:
                 log.exception("DNS resync failed")
 
     async def _apply(self, desired: DesiredState, old: DesiredState) -> None:
-        restart = [n for n, t in old.tasks.items()
-                   if n not in desired.tasks or _restart_key(t) != _restart_key(desired.tasks[n])]
+        mine, was_mine = desired.on_node(self.node), old.on_node(self.node)
+        restart = [n for n, t in was_mine.items()
+                   if n not in mine or _restart_key(t) != _restart_key(mine[n])]
         await asyncio.gather(*(self.sup.stop(n) for n in restart))
         await asyncio.to_thread(self._apply_kernel, desired, old)
-        for name, task in desired.tasks.items():
+        for name, task in mine.items():
             if name not in self.sup.runs:
                 await self.sup.start(task)
             else:
@@ -110,24 +116,55 @@ class Agent:
         for net in desired.networks.values():
             if old.networks.get(net.name) != net:
                 self._remove_network(old.networks.get(net.name))
-                self._add_network(net)
-        for task in desired.tasks.values():
-            self._sync_task(task, old.tasks.get(task.name), desired)
-        for name, task in old.tasks.items():
-            if name not in desired.tasks:
+                self._add_network(net, desired.underlay.get(self.node))
+        mine, was_mine = desired.on_node(self.node), old.on_node(self.node)
+        for task in mine.values():
+            self._sync_task(task, was_mine.get(task.name), desired)
+        for name, task in was_mine.items():
+            if name not in mine:
                 self._remove_task(task)
         for name, net in old.networks.items():
             if name not in desired.networks:
                 self._remove_network(net)
-        if (desired.networks, desired.publications) != (old.networks, old.publications):
-            text = render_host_table(desired) if desired.networks else render_delete_table()
-            if desired.networks or old.networks:
+        self._sync_overlay(desired)
+        new, before = self._local(desired), self._local(old)
+        if (new.networks, new.publications) != (before.networks, before.publications):
+            text = render_host_table(new) if new.networks else render_delete_table()
+            if new.networks or before.networks:
                 self.nft.apply(self.host, text)
 
+    def _local(self, desired: DesiredState) -> DesiredState:
+        """Published ports lead to this node's own tasks (host-mode publishing in a cluster)."""
+        if not desired.underlay:
+            return desired
+        mine = {e.address for t in desired.on_node(self.node).values() for e in t.endpoints}
+        pubs = tuple(replace(p, backends=tuple(b for b in p.backends if b in mine))
+                     for p in desired.publications)
+        return replace(desired, publications=pubs)
+
+    def _sync_overlay(self, desired: DesiredState) -> None:
+        """Static FDB and neighbour entries for every task of an overlay on another node."""
+        vnis = {n.name: n.vni for n in desired.networks.values() if n.driver == "overlay"}
+        endpoints = [(e.network, t.node, e.address) for t in desired.tasks.values() for e in t.endpoints]
+        plan = build_overlay_plan(self.node, desired.underlay, vnis, endpoints) \
+            if vnis and self.node in desired.underlay else OverlayPlan()
+        gone_fdb, new_fdb = diff_entries(self.overlay.fdb, plan.fdb)
+        gone_neigh, new_neigh = diff_entries(self.overlay.neigh, plan.neigh)
+        for link, mac, remote in gone_fdb | new_fdb:
+            self.nl.set_fdb(self.host, link, mac, remote, (link, mac, remote) in new_fdb)
+        for link, address, mac in gone_neigh | new_neigh:
+            self.nl.set_neigh(self.host, link, address, mac, (link, address, mac) in new_neigh)
+        self.overlay = plan
+
     # -- networks -----------------------------------------------------------------------------
-    def _add_network(self, net: NetworkState) -> None:
-        if net.driver == "bridge":
+    def _add_network(self, net: NetworkState, underlay: str | None) -> None:
+        if net.bridged:
+            # an overlay's gateway address sits on every node's bridge: each node is the local
+            # gateway of its own tasks (ARP for it is never sent over the VXLAN: no flooding)
             self.nl.add_bridge(self.host, net.link, net.gateway, net.prefixlen)
+        if net.driver == "overlay" and underlay:
+            self.nl.add_vxlan(self.host, net.link, vxlan_link(net.name, net.vni), net.vni, underlay,
+                              net.mtu)
         elif net.vlan is not None and self.nl.ensure_vlan(self.host, net.parent, net.vlan):
             self.created_vlans.add(net.parent)
 
@@ -136,6 +173,8 @@ class Agent:
             return
         if net.link:
             self.nl.delete_link(self.host, net.link)
+        if net.vni is not None:
+            self.nl.delete_link(self.host, vxlan_link(net.name, net.vni))
         if net.parent in self.created_vlans:
             self.nl.delete_link(self.host, net.parent)
             self.created_vlans.discard(net.parent)
@@ -159,9 +198,9 @@ class Agent:
         self._write_etc(task)
 
     def _add_endpoint(self, sandbox: str, ep: EndpointState, net: NetworkState) -> None:
-        if net.driver == "bridge":
+        if net.bridged:
             self.nl.add_veth_endpoint(self.host, net.link, ep.link, sandbox, ep.ifname, ep.address,
-                                      ep.prefixlen, ep.default_gateway)
+                                      ep.prefixlen, ep.default_gateway, net.mtu)
         else:
             self.nl.add_macvlan_endpoint(self.host, net.parent, ep.link, sandbox, ep.ifname,
                                          ep.address, ep.prefixlen, ep.default_gateway)
@@ -191,7 +230,7 @@ class Agent:
                 await self.dns.close()
             await self.sup.stop_all()
             await asyncio.to_thread(self._apply_kernel, DesiredState(), self.applied)
-            self.applied = DesiredState()
+            self.applied, self.overlay = DesiredState(), OverlayPlan()
             if self.created_host and self.host:
                 await asyncio.to_thread(self.nl.delete_netns, self.host)
                 self.created_host = False

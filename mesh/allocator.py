@@ -9,6 +9,7 @@ the network, service or address at fault; nothing is half-built because this cod
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, ip_address, ip_network
 
 from mesh import names
@@ -16,18 +17,33 @@ from mesh.errors import AllocationError
 from mesh.ipam import AddressPool, check_subnet, default_gateway, pick_subnet
 from mesh.links import build_link_env, build_link_hosts
 from mesh.model import DEFAULT_BRIDGE, Network, Service, Stack
+from mesh.overlay import VXLAN_OVERHEAD
 from mesh.state import DesiredState, EndpointState, NetworkState, Publication, TaskState
 
 PORT_RANGE = range(30000, 32768)
+VNI_BASE = 4096
+UNDERLAY_MTU = 1500
+
+
+@dataclass(frozen=True)
+class ClusterPlacement:
+    """Where the scheduler put each task, for a cluster-wide allocation (None = a single host)."""
+    node_netns: dict[str, str]                        # node -> its agent's host namespace
+    underlay: dict[str, str]                          # node -> underlay address
+    tasks: tuple[tuple[str, int, str, str], ...]      # (service, slot, task, node)
+    pending: tuple[tuple[str, str, str], ...] = ()    # (service, task, reason)
 
 
 def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network],
                   host_netns: str | None,
                   connections: tuple[tuple[str, str], ...] = (),
-                  disconnections: tuple[tuple[str, str], ...] = ()) -> DesiredState:
-    networks = _build_networks(stack, previous, routes, host_netns)
+                  disconnections: tuple[tuple[str, str], ...] = (),
+                  cluster: ClusterPlacement | None = None) -> DesiredState:
+    networks = _build_networks(stack, previous, routes, host_netns, cluster is not None)
     pools = _pools(networks)
-    names_ = _task_names(stack)
+    names_ = [(s, slot, t) for s, slot, t, _ in cluster.tasks] if cluster else _task_names(stack)
+    node_of = {t: n for _, _, t, n in cluster.tasks} if cluster else {}
+    host_of = (lambda task: cluster.node_netns[node_of[task]]) if cluster else (lambda task: host_netns)
     _check_runtime_changes(names_, networks, connections, disconnections)
     plans = {task: (stack.services[svc], slot,
                     _attachments(stack.services[svc], task, networks, connections, disconnections))
@@ -37,8 +53,9 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     tasks: dict[str, TaskState] = {}
     for task_name, (svc, slot, attach) in plans.items():
         old = previous.tasks.get(task_name)
-        endpoints = _endpoints(task_name, attach, old, kept, networks, pools, host_netns)
-        tasks[task_name] = _task(stack, svc, slot, task_name, old, endpoints, host_netns)
+        endpoints = _endpoints(task_name, attach, old, kept, networks, pools, host_of(task_name))
+        tasks[task_name] = replace(_task(stack, svc, slot, task_name, old, endpoints, host_of(task_name)),
+                                   node=node_of.get(task_name, ""))
     for svc_name, slot, task_name in names_:
         svc = stack.services[svc_name]
         if task_name not in tasks:
@@ -46,7 +63,8 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     tasks = {n: _with_links(t, stack, tasks, names_) for n, t in sorted(tasks.items(), key=_order(names_))}
     pubs = _publications(stack, tasks, networks, previous, names_)
     return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections, vips,
-                        dict(stack.services))
+                        dict(stack.services), dict(cluster.underlay) if cluster else {},
+                        cluster.pending if cluster else ())
 
 
 def _shares_sandbox(svc: Service) -> bool:
@@ -89,7 +107,7 @@ def _vips(stack: Stack, networks, pools, previous: DesiredState) -> tuple[tuple[
 
 
 def _build_networks(stack: Stack, previous: DesiredState, routes: list[IPv4Network],
-                    host_netns: str | None) -> dict[str, NetworkState]:
+                    host_netns: str | None, cluster: bool = False) -> dict[str, NetworkState]:
     out: dict[str, NetworkState] = {}
     taken: dict[str, IPv4Network] = {}
     wanted = [Network(DEFAULT_BRIDGE)] + [n for n in stack.networks.values()
@@ -99,13 +117,31 @@ def _build_networks(stack: Stack, previous: DesiredState, routes: list[IPv4Netwo
             raise AllocationError(f"networks.{net.name}: external network '{net.name}' does not exist "
                                   f"(the predefined networks are bridge, host and none)")
     for net in sorted(wanted, key=lambda n: not any(c.subnet for c in n.ipam)):
-        out[net.name] = _network_state(net, previous.networks.get(net.name), taken, routes, host_netns)
+        if cluster and net.driver == "bridge" and net.name != DEFAULT_BRIDGE:
+            net = replace(net, driver="overlay")       # a stack's networks span the cluster
+        old = previous.networks.get(net.name)
+        out[net.name] = _network_state(net, old, taken, routes, host_netns, cluster)
         taken[net.name] = ip_network(out[net.name].subnet)
-    return {n.name: out[n.name] for n in wanted}
+    return _with_vnis({n.name: out[n.name] for n in wanted}, previous)
+
+
+def _with_vnis(networks: dict[str, NetworkState], previous: DesiredState) -> dict[str, NetworkState]:
+    """Overlay networks keep their VNI; new ones take the lowest free one from 4096 up."""
+    kept = {n: previous.networks[n].vni for n, net in networks.items()
+            if net.driver == "overlay" and n in previous.networks and previous.networks[n].vni}
+    used, out = set(kept.values()), {}
+    for name, net in networks.items():
+        if net.driver == "overlay":
+            vni = kept.get(name) or next(v for v in range(VNI_BASE, 1 << 24) if v not in used)
+            used.add(vni)
+            net = replace(net, vni=vni, mtu=UNDERLAY_MTU - VXLAN_OVERHEAD)
+        out[name] = net
+    return out
 
 
 def _network_state(net: Network, old: NetworkState | None, taken: dict[str, IPv4Network],
-                   routes: list[IPv4Network], host_netns: str | None) -> NetworkState:
+                   routes: list[IPv4Network], host_netns: str | None,
+                   cluster: bool = False) -> NetworkState:
     cfg = net.ipam[0] if net.ipam else None
     if cfg and cfg.subnet:
         subnet = ip_network(cfg.subnet)
@@ -126,21 +162,21 @@ def _network_state(net: Network, old: NetworkState | None, taken: dict[str, IPv4
             raise AllocationError(f"networks.{net.name}.driver_opts.parent: '{parent}' is longer than "
                                   f"{names.IFNAME_MAX} characters, the kernel's limit")
         vlan = int(tag)
-    if net.driver == "overlay":
+    if net.driver == "overlay" and not cluster:
         raise AllocationError(f"networks.{net.name}.driver: overlay networks need a cluster "
                               f"(mesh up --nodes N); a single host supports bridge and macvlan")
     return NetworkState(
         name=net.name, driver=net.driver, subnet=str(subnet), gateway=gateway,
         ip_range=cfg.ip_range if cfg else None, internal=net.internal,
         builtin=net.name == DEFAULT_BRIDGE,
-        link=names.bridge_link(host_netns, net.name) if net.driver == "bridge" else None,
+        link=names.bridge_link(host_netns, net.name) if net.driver in ("bridge", "overlay") else None,
         parent=parent, vlan=vlan)
 
 
 def _pools(networks: dict[str, NetworkState]) -> dict[str, AddressPool]:
     out = {}
     for n in networks.values():
-        gw = ip_address(n.gateway) if n.gateway and n.driver == "bridge" else None
+        gw = ip_address(n.gateway) if n.gateway and n.bridged else None
         out[n.name] = AddressPool(n.name, ip_network(n.subnet), gw,
                                   ip_network(n.ip_range) if n.ip_range else None)
         if n.gateway and n.driver == "macvlan":
@@ -196,7 +232,7 @@ def _endpoints(task: str, attach, old: TaskState | None, kept, networks, pools,
         prev = old_eps.get(net_name)
         ifname = prev.ifname if prev else _free_ifname(used_if)
         used_if.add(ifname)
-        link = (names.veth_link if net.driver == "bridge" else names.macvlan_link)(sandbox, net_name)
+        link = (names.macvlan_link if net.driver == "macvlan" else names.veth_link)(sandbox, net_name)
         out.append(EndpointState(net_name, ifname, address, net.prefixlen, link, tuple(aliases)))
     return _with_default_route(sorted(out, key=lambda e: int(e.ifname[3:])), networks)
 
@@ -282,7 +318,7 @@ def _publications(stack: Stack, tasks, networks, previous: DesiredState, names_)
 def _publish_address(task: TaskState, networks, svc: Service) -> str:
     for e in task.endpoints:
         net = networks[e.network]
-        if net.driver == "bridge" and not net.internal:
+        if net.bridged and not net.internal:
             return e.address
     raise AllocationError(f"services.{svc.name}.ports: publishing a port needs the service on a "
                           f"bridge network that is not internal")

@@ -27,7 +27,7 @@ from mesh.nft import NftCli
 from mesh.paths import Paths
 from mesh.runtime import Supervisor
 from mesh.spec import stack_from_dict
-from mesh.views import network_list, network_view, task_view
+from mesh.views import network_list, task_view
 
 log = logging.getLogger("mesh.daemon")
 STATUS = {NotFound: 404, Conflict: 409}

@@ -76,8 +76,9 @@ class HostSockets:
 
 class DnsAgent:
     def __init__(self, host_netns: str | None, resolver, nft: Nft, upstreams: tuple[str, ...],
-                 ttl: int = DEFAULT_TTL):
+                 ttl: int = DEFAULT_TTL, node: str = ""):
         self.host = host_netns
+        self.node = node
         self.resolver = resolver
         self.nft = nft
         self.host_upstreams = upstreams
@@ -95,7 +96,7 @@ class DnsAgent:
 
     async def sync(self, desired: DesiredState, live: set[str]) -> None:
         async with self.lock:
-            views = build_views(desired, live, self.upstreams, self.ttl)
+            views = build_views(desired, live, self.upstreams, self.ttl, self.node)
             for sandbox in [s for s in self.views if s not in views]:
                 await self.resolver.remove_sandbox(sandbox)
                 del self.views[sandbox]

@@ -60,7 +60,7 @@ def _chain(name: str, hook: str | None, rules: list[str]) -> list[str]:
 
 def render_host_table(desired: DesiredState) -> str:
     """The transaction that makes the host's `mesh` table exactly what `desired` needs."""
-    bridges = [n for n in desired.networks.values() if n.driver == "bridge" and n.link]
+    bridges = [n for n in desired.networks.values() if n.bridged and n.link]
     dnats = [r for r in (_dnat(p) for p in desired.publications) if r]
     out = [f"table ip {TABLE}", f"delete table ip {TABLE}", f"table ip {TABLE} {{"]
     out += _chain("localhost_guard", "type filter hook prerouting priority raw; policy accept;",

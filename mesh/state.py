@@ -21,6 +21,13 @@ class NetworkState:
     link: str | None = None          # bridge link in the host namespace
     parent: str | None = None        # macvlan parent interface
     vlan: int | None = None          # set when mesh creates `parent` as a VLAN sub-interface
+    vni: int | None = None           # overlay networks: the VXLAN network identifier
+    mtu: int | None = None           # overlay networks: underlay MTU - 50
+
+    @property
+    def bridged(self) -> bool:
+        """A Linux bridge on the host carries it (bridge, and overlay with a VXLAN port)."""
+        return self.driver in ("bridge", "overlay")
 
     @property
     def prefixlen(self) -> int:
@@ -54,7 +61,8 @@ class TaskState:
     workdir: str = ""                # the process's working directory (the stack file's folder)
     endpoints: tuple[EndpointState, ...] = ()
     hosts: tuple[tuple[str, str], ...] = ()      # extra /etc/hosts lines: (address, names)
-    embedded_dns: bool = False       # on a user-defined network: the embedded resolver's seam
+    embedded_dns: bool = False       # on a user-defined network: served by the embedded resolver
+    node: str = ""                   # the node it runs on ("" on a single host)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,12 @@ class DesiredState:
     disconnections: tuple[tuple[str, str], ...] = ()   # (task, network) removed at run time
     vips: tuple[tuple[str, str, str], ...] = ()         # (service, network, virtual IP)
     services: dict[str, Service] = field(default_factory=dict)   # the stack's, for DNS and LB
+    underlay: dict[str, str] = field(default_factory=dict)       # cluster: node -> underlay address
+    pending: tuple[tuple[str, str, str], ...] = ()               # cluster: (service, task, reason)
+
+    def on_node(self, node: str) -> dict[str, TaskState]:
+        """The tasks one node's agent runs ("" = a single host runs them all)."""
+        return {n: t for n, t in self.tasks.items() if t.node == node}
 
     def vip(self, service: str, network: str) -> str | None:
         return next((a for s, n, a in self.vips if s == service and n == network), None)
