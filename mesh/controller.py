@@ -1,8 +1,12 @@
-"""The single-host controller: holds the stack and run-time changes, allocates, asks the agent to apply.
+"""The controller: holds the stack and run-time changes, allocates, asks the agents to apply.
 
-It is what the API calls; it knows nothing of HTTP. Every change is: validate -> build the whole
-desired state (pure, mesh.allocator) -> agent.apply (kernel + processes). A change that fails to
-allocate touches nothing.
+It is what the API calls; it knows nothing of HTTP. Every change is: validate -> (in a cluster:
+place tasks on nodes) -> build the whole desired state (pure, mesh.allocator) -> every agent applies
+its part (kernel + processes). A change that fails to allocate touches nothing; one that fails in
+an agent is undone everywhere by applying the previous state again.
+
+    Controller([agent], netlink, host_netns)                       # one host: one agent, node ""
+    Controller(agents, netlink, host_netns, placer=lab_placer)     # a cluster (mesh.cluster)
 """
 from __future__ import annotations
 
@@ -15,40 +19,62 @@ from mesh.state import DesiredState, TaskState
 
 
 class Controller:
-    def __init__(self, agent, netlink):
-        self.agent = agent
+    def __init__(self, agents, netlink, host_netns: str | None, placer=None, extra_routes=()):
+        self.agents = {a.node: a for a in agents}
         self.nl = netlink
+        self.host = host_netns
+        self.placer = placer                 # (stack, previous) -> ClusterPlacement, or None
+        self.extra_routes = list(extra_routes)
+        self.desired = DesiredState()
         self.stack: Stack | None = None
         self.connections: tuple[tuple[str, str], ...] = ()
         self.disconnections: tuple[tuple[str, str], ...] = ()
 
-    @property
-    def desired(self) -> DesiredState:
-        return self.agent.applied
+    def agent_of(self, task: str):
+        return self.agents[self.task(task).node]
+
+    def status(self, task: str) -> dict:
+        return self.agent_of(task).sup.status(task)
+
+    def log_path(self, task: str) -> str:
+        return self.agent_of(task).sup.log_path(task)
 
     async def _routes(self):
-        host = self.agent.host
-        if host and not self.nl.netns_exists(host):
-            return []
-        return await asyncio.to_thread(self.nl.routes, host)
+        if self.host and not self.nl.netns_exists(self.host):
+            return list(self.extra_routes)
+        return await asyncio.to_thread(self.nl.routes, self.host) + self.extra_routes
+
+    async def _apply_all(self, desired: DesiredState) -> None:
+        results = await asyncio.gather(*(a.apply(desired) for a in self.agents.values()),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            if len(self.agents) > 1:
+                await asyncio.gather(*(a.apply(self.desired) for a in self.agents.values()),
+                                     return_exceptions=True)
+            raise failed[0]
 
     async def _build_and_apply(self, stack: Stack, conns, disconns) -> DesiredState:
-        desired = build_desired(stack, self.desired, await self._routes(), self.agent.host,
-                                conns, disconns)
-        await self.agent.apply(desired)
+        cluster = self.placer(stack, self.desired) if self.placer else None
+        desired = build_desired(stack, self.desired, await self._routes(), self.host,
+                                conns, disconns, cluster)
+        await self._apply_all(desired)
+        self.desired = desired
         self.stack, self.connections, self.disconnections = stack, conns, disconns
         return desired
 
+    def _configure_dns(self, options: DnsOptions) -> None:
+        for agent in self.agents.values():
+            if agent.dns is not None:
+                agent.dns.configure(options)
+
     async def up(self, stack: Stack) -> DesiredState:
         keep = lambda pairs: tuple((t, n) for t, n in pairs if self.desired.tasks.get(t))
-        dns = self.agent.dns
-        if dns is not None:
-            dns.configure(stack.dns)
+        self._configure_dns(stack.dns)
         try:
             return await self._build_and_apply(stack, keep(self.connections), keep(self.disconnections))
         except Exception:
-            if dns is not None:
-                dns.configure(self.stack.dns if self.stack else DnsOptions())
+            self._configure_dns(self.stack.dns if self.stack else DnsOptions())
             raise
 
     def task(self, name: str) -> TaskState:
@@ -83,5 +109,6 @@ class Controller:
         return (await self._build_and_apply(self.stack, conns, disconns)).tasks[task_name]
 
     async def down(self) -> None:
-        await self.agent.teardown()
+        await asyncio.gather(*(a.teardown() for a in self.agents.values()))
+        self.desired = DesiredState()
         self.stack, self.connections, self.disconnections = None, (), ()

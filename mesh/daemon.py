@@ -42,15 +42,14 @@ async def errors(request, handler):
 
 
 def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
-    sup = ctl.agent.sup
     routes = web.RouteTableDef()
 
     def tasks_json():
-        return [task_view(t, sup.status(t.name), ctl.desired) for t in ctl.desired.tasks.values()]
+        return [task_view(t, ctl.status(t.name), ctl.desired) for t in ctl.desired.tasks.values()]
 
     @routes.get("/v1/ping")
     async def ping(_):
-        return web.json_response({"host_netns": ctl.agent.host, "pid": os.getpid()})
+        return web.json_response({"host_netns": ctl.host, "pid": os.getpid()})
 
     @routes.post("/v1/up")
     async def up(request):
@@ -65,12 +64,12 @@ def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
     @routes.get("/v1/tasks/{name}")
     async def task(request):
         t = ctl.task(request.match_info["name"])
-        return web.json_response({**task_view(t, sup.status(t.name), ctl.desired),
-                                  "log": sup.log_path(t.name)})
+        return web.json_response({**task_view(t, ctl.status(t.name), ctl.desired),
+                                  "log": ctl.log_path(t.name)})
 
     @routes.get("/v1/tasks/{name}/logs")
     async def logs(request):
-        path = sup.log_path(ctl.task(request.match_info["name"]).name)
+        path = ctl.log_path(request.match_info["name"])
         text = open(path, errors="replace").read() if os.path.exists(path) else ""
         return web.Response(text=text)
 
@@ -90,7 +89,7 @@ def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
         body = await request.json()
         action = getattr(ctl, request.match_info["action"])
         t = await action(request.match_info["name"], body["task"])
-        return web.json_response(task_view(t, sup.status(t.name), ctl.desired))
+        return web.json_response(task_view(t, ctl.status(t.name), ctl.desired))
 
     @routes.post("/v1/down")
     async def down(_):
@@ -111,7 +110,7 @@ async def serve(host_netns: str | None) -> None:
     resolver = Resolver(socket_factory=HostSockets(host_netns))
     dns = DnsAgent(host_netns, resolver, nft, upstream_servers(host_resolv(host_netns)))
     agent = Agent(host_netns, nl, nft, Supervisor(paths.logs, host_netns), dns)
-    ctl = Controller(agent, nl)
+    ctl = Controller([agent], nl, host_netns)
     stop = asyncio.Event()
     def on_signal(sig: int) -> None:
         log.info("received %s: removing the stack and stopping", signal.Signals(sig).name)
