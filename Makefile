@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MESH := $(VENV)/bin/mesh
-APT_PACKAGES := iproute2 nftables bind9-dnsutils curl procps util-linux python3 python3-venv
+APT_PACKAGES := iproute2 nftables bind9-dnsutils curl procps util-linux python3 python3-venv etcd-server
 export PYTHONSAFEPATH := 1
 
 .PHONY: deps venv demo test demo-down clean
@@ -15,6 +15,9 @@ deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if echo "$$missing" | grep -qw etcd-server; then \
+	    systemctl disable --now etcd >/dev/null 2>&1 || true; \
+	  fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
