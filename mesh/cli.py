@@ -1,6 +1,7 @@
 """The `mesh` command line. Every listing takes --json; errors print one clear message, exit 1.
 
-    mesh up -f stack.yaml [--host-netns NAME]    mesh ps | mesh network ls | mesh inspect TASK
+    mesh up -f stack.yaml [--nodes N] [--host-netns NAME]    mesh ps | mesh network ls | mesh inspect TASK
+    mesh node ls    mesh service ls | ps SVC | scale SVC=N | rm SVC
     mesh logs TASK    mesh exec TASK -- CMD...    mesh network connect|disconnect NET TASK
     mesh network inspect NET    mesh down
 """
@@ -27,10 +28,10 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _print_tasks(tasks: list[dict]) -> None:
-    rows = [[t["name"], t["state"], t["pid"] or "-", t["network_mode"],
+    rows = [[t["name"], t["node"] or "-", t["state"], t["pid"] or "-", t["network_mode"],
              ",".join(f"{n}={v['address']}" for n, v in t["networks"].items()) or "-",
              ",".join(t["ports"]) or "-"] for t in tasks]
-    print(_table(rows, ["TASK", "STATE", "PID", "MODE", "ADDRESSES", "PORTS"]))
+    print(_table(rows, ["TASK", "NODE", "STATE", "PID", "MODE", "ADDRESSES", "PORTS"]))
 
 
 def _emit(args, data, printer) -> None:
@@ -41,7 +42,7 @@ def cmd_up(args, api: Api) -> int:
     stack = load_stack_file(args.file)
     for warning in stack.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    started = api.ensure_daemon()
+    started = api.ensure_daemon(args.nodes)
     status, data = api.call("POST", "/v1/up", {"stack": stack_to_dict(stack)})
     if status >= 300:
         if started:
@@ -54,6 +55,7 @@ def cmd_up(args, api: Api) -> int:
 def cmd_down(args, api: Api) -> int:
     if api.running():
         api.call("POST", "/v1/down")
+        api.wait_gone()
         print("mesh: stack removed, daemon stopped")
     else:
         from mesh.sweep import sweep
@@ -82,6 +84,50 @@ def cmd_network(args, api: Api) -> int:
         task = api.checked("POST", f"/v1/networks/{args.network}/{args.action}", {"task": args.task})
         print(f"{args.task}: {args.action}ed {'to' if args.action == 'connect' else 'from'} "
               f"{args.network}; networks now: {', '.join(task['networks']) or 'none'}")
+    return 0
+
+
+def cmd_node(args, api: Api) -> int:
+    _emit(args, api.checked("GET", "/v1/nodes"), lambda nodes: print(_table(
+        [[n["name"], n["address"], n["role"], n["state"], n["tasks"]] for n in nodes],
+        ["NODE", "ADDRESS", "ROLE", "STATE", "TASKS"])))
+    return 0
+
+
+def _print_services(services: list[dict]) -> None:
+    print(_table([[s["name"], s["mode"], f'{s["running"]}/{s["replicas"]}', ",".join(s["ports"]) or "-",
+                   ",".join(f"{n}={a}" for n, a in s["vips"].items()) or "-"] for s in services],
+                 ["SERVICE", "MODE", "RUNNING", "PORTS", "VIPS"]))
+
+
+def _print_service_tasks(service: dict) -> None:
+    rows = [[t["name"], t["node"] or "-", t["state"],
+             ",".join(f"{n}={a}" for n, a in t["addresses"].items()) or "-", ""] for t in service["tasks"]]
+    rows += [[p["name"], "-", "pending", "-", p["reason"]] for p in service["pending"]]
+    print(_table(rows, ["TASK", "NODE", "STATE", "ADDRESSES", "WHY PENDING"]))
+
+
+def cmd_service(args, api: Api) -> int:
+    if args.action == "ls":
+        _emit(args, api.checked("GET", "/v1/services"), _print_services)
+        return 0
+    if args.action == "ps":
+        found = [s for s in api.checked("GET", "/v1/services") if s["name"] == args.service]
+        if not found:
+            raise MeshError(f"no service named '{args.service}' (mesh service ls lists them)")
+        _emit(args, found[0], _print_service_tasks)
+        return 0
+    if args.action == "scale":
+        for item in args.pairs:
+            name, sep, count = item.partition("=")
+            if not sep or not count.isdigit():
+                raise MeshError(f"mesh service scale: expected SERVICE=REPLICAS, got '{item}'")
+            api.checked("POST", f"/v1/services/{name}/scale", {"replicas": int(count)})
+            print(f"{name} scaled to {count}")
+        return 0
+    for name in args.services:
+        api.checked("POST", f"/v1/services/{name}/rm")
+        print(f"{name} removed")
     return 0
 
 
@@ -116,7 +162,7 @@ def cmd_exec(args, api: Api) -> int:
 def cmd_daemon(args, api: Api) -> int:
     from mesh.daemon import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(args.host_netns))
+    asyncio.run(serve(args.host_netns, args.nodes))
     return 0
 
 
@@ -133,6 +179,12 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _node_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 250:
+        raise argparse.ArgumentTypeError(f"expected a number of nodes from 1 to 250, got '{text}'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common(defaults=False)
     parser = argparse.ArgumentParser(prog="mesh", parents=[_common(defaults=True)],
@@ -140,11 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command_name", required=True)
     up = sub.add_parser("up", parents=[common], help="apply a stack file and start its tasks")
     up.add_argument("-f", "--file", required=True)
+    up.add_argument("--nodes", type=_node_count, default=0,
+                    help="run a local lab of N nodes (network namespaces) instead of this host alone")
     up.set_defaults(func=cmd_up)
     for name, func, helptext in (("down", cmd_down, "remove everything mesh made"),
-                                 ("ps", cmd_ps, "list tasks"),
-                                 ("daemon", cmd_daemon, "run the daemon (mesh up starts it)")):
+                                 ("ps", cmd_ps, "list tasks")):
         sub.add_parser(name, parents=[common], help=helptext).set_defaults(func=func)
+    daemon = sub.add_parser("daemon", parents=[common], help="run the daemon (mesh up starts it)")
+    daemon.add_argument("--nodes", type=_node_count, default=0)
+    daemon.set_defaults(func=cmd_daemon)
+    node = sub.add_parser("node", parents=[common], help="lab nodes")
+    node.add_subparsers(dest="action", required=True).add_parser("ls", parents=[common])
+    node.set_defaults(func=cmd_node)
+    svc = sub.add_parser("service", parents=[common], help="services")
+    ssub = svc.add_subparsers(dest="action", required=True)
+    ssub.add_parser("ls", parents=[common])
+    ssub.add_parser("ps", parents=[common]).add_argument("service")
+    ssub.add_parser("scale", parents=[common]).add_argument("pairs", nargs="+", metavar="SERVICE=N")
+    ssub.add_parser("rm", parents=[common]).add_argument("services", nargs="+", metavar="SERVICE")
+    svc.set_defaults(func=cmd_service)
     for name, func in (("inspect", cmd_inspect), ("logs", cmd_logs)):
         p = sub.add_parser(name, parents=[common], help=f"{name} a task")
         p.add_argument("task")

@@ -50,13 +50,21 @@ class Api:
         err = getattr(self, "last_error", None)
         return f" [{self.paths.socket}: {err}]" if err else f" [no socket at {self.paths.socket}]"
 
-    def ensure_daemon(self) -> bool:
+    def ensure_daemon(self, nodes: int = 0) -> bool:
+        """Start the daemon (a lab of `nodes` nodes, or 0 = this host) unless one runs already;
+        True when this call started it."""
         if self.running():
+            running = self.call("GET", "/v1/ping")[1].get("nodes", 0)
+            if running != nodes:
+                raise MeshError(f"a mesh daemon already runs here with {running or 'no'} lab nodes; "
+                                f"`mesh down` first to start it with {nodes or 'no'} nodes")
             return False
         os.makedirs(self.paths.root, exist_ok=True)
         argv = [sys.executable, "-m", "mesh", "daemon"]
         if self.host:
             argv += ["--host-netns", self.host]
+        if nodes:
+            argv += ["--nodes", str(nodes)]
         with open(self.paths.daemon_log, "ab") as out:
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
@@ -67,6 +75,12 @@ class Api:
             time.sleep(0.05)
         raise MeshError(f"the mesh daemon did not start within {START_TIMEOUT:.0f}s; "
                         f"see {self.paths.daemon_log}")
+
+    def wait_gone(self, timeout: float = 30.0) -> None:
+        """Wait for the daemon to finish its teardown and exit (its socket goes last)."""
+        deadline = time.monotonic() + timeout
+        while os.path.exists(self.paths.socket) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def checked(self, method: str, path: str, body: dict | None = None):
         """call(), raising MeshError with the daemon's message unless it answered 2xx."""

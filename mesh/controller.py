@@ -11,6 +11,7 @@ an agent is undone everywhere by applying the previous state again.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
@@ -76,6 +77,32 @@ class Controller:
         except Exception:
             self._configure_dns(self.stack.dns if self.stack else DnsOptions())
             raise
+
+    def _service(self, name: str):
+        if self.stack is None or name not in self.stack.services:
+            raise NotFound(f"no service named '{name}' (mesh service ls lists them)")
+        return self.stack.services[name]
+
+    async def scale(self, name: str, replicas: int) -> DesiredState:
+        service = self._service(name)
+        if service.mode == "global":
+            raise Conflict(f"service '{name}' is global (one task per node): it cannot be scaled")
+        if not isinstance(replicas, int) or replicas < 0:
+            raise Conflict(f"replicas: expected a non-negative integer, got {replicas!r}")
+        if replicas > 1 and service.container_name:
+            raise Conflict(f"service '{name}' has container_name '{service.container_name}': "
+                           f"it can run one replica only")
+        stack = replace(self.stack, services={**self.stack.services,
+                                              name: replace(service, replicas=replicas)})
+        return await self._build_and_apply(stack, self.connections, self.disconnections)
+
+    async def remove_service(self, name: str) -> DesiredState:
+        self._service(name)
+        services = {k: v for k, v in self.stack.services.items() if k != name}
+        if not services:
+            raise Conflict(f"'{name}' is the stack's last service: use mesh down to remove the stack")
+        return await self._build_and_apply(replace(self.stack, services=services),
+                                           self.connections, self.disconnections)
 
     def task(self, name: str) -> TaskState:
         task = self.desired.tasks.get(name)

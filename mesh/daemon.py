@@ -17,17 +17,19 @@ import signal
 from aiohttp import web
 
 from mesh.agent import Agent, host_resolv
+from mesh.cluster import UNDERLAY_NET, lab_placer, node_list
 from mesh.controller import Controller
 from mesh.dns.server import Resolver
 from mesh.dnsagent import DnsAgent, HostSockets
 from mesh.etcfiles import upstream_servers
 from mesh.errors import Conflict, MeshError, NotFound
+from mesh.lab import make_lab, remove_lab
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
 from mesh.paths import Paths
 from mesh.runtime import Supervisor
 from mesh.spec import stack_from_dict
-from mesh.views import network_list, task_view
+from mesh.views import network_list, service_list, task_view
 
 log = logging.getLogger("mesh.daemon")
 STATUS = {NotFound: 404, Conflict: 409}
@@ -41,7 +43,7 @@ async def errors(request, handler):
         return web.json_response({"error": str(exc)}, status=STATUS.get(type(exc), 400))
 
 
-def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
+def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None) -> web.Application:
     routes = web.RouteTableDef()
 
     def tasks_json():
@@ -49,7 +51,27 @@ def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
 
     @routes.get("/v1/ping")
     async def ping(_):
-        return web.json_response({"host_netns": ctl.host, "pid": os.getpid()})
+        return web.json_response({"host_netns": ctl.host, "pid": os.getpid(), "nodes": len(lab)})
+
+    @routes.get("/v1/nodes")
+    async def nodes(_):
+        if not lab:
+            raise Conflict("this daemon runs a single host, not a cluster (mesh up --nodes N)")
+        return web.json_response(node_list(lab, ctl.desired))
+
+    @routes.get("/v1/services")
+    async def services(_):
+        return web.json_response(service_list(ctl.desired, ctl.status))
+
+    @routes.post("/v1/services/{name}/scale")
+    async def scale(request):
+        await ctl.scale(request.match_info["name"], (await request.json())["replicas"])
+        return web.json_response(service_list(ctl.desired, ctl.status))
+
+    @routes.post("/v1/services/{name}/rm")
+    async def remove_service(request):
+        await ctl.remove_service(request.match_info["name"])
+        return web.json_response(service_list(ctl.desired, ctl.status))
 
     @routes.post("/v1/up")
     async def up(request):
@@ -94,6 +116,7 @@ def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
     @routes.post("/v1/down")
     async def down(_):
         await ctl.down()
+        await asyncio.to_thread(remove)
         stop.set()
         return web.json_response({"down": True})
 
@@ -102,36 +125,53 @@ def build_app(ctl: Controller, stop: asyncio.Event) -> web.Application:
     return app
 
 
-async def serve(host_netns: str | None) -> None:
+def _agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Paths) -> Agent:
+    """One node's agent with its own resolver (upstream sockets made in that node's namespace)."""
+    resolver = Resolver(socket_factory=HostSockets(host))
+    dns = DnsAgent(host, resolver, nft, upstream_servers(host_resolv(host)), node=node)
+    return Agent(host, nl, nft, Supervisor(paths.logs, host), dns, node=node)
+
+
+def compose(host_netns: str | None, nodes: int, paths: Paths):
+    """(controller, lab nodes, cleanup) — one agent on the host, or a lab of `nodes` nodes."""
+    nl, nft = Netlink(), NftCli()
+    if not nodes:
+        return Controller([_agent(host_netns, "", nl, nft, paths)], nl, host_netns), [], lambda: None
+    lab = make_lab(host_netns, nodes, nl)
+    agents = [_agent(n.netns, n.name, nl, nft, paths) for n in lab]
+    ctl = Controller(agents, nl, host_netns, placer=lab_placer(lab), extra_routes=[UNDERLAY_NET])
+    return ctl, lab, lambda: remove_lab(host_netns, lab, nl)
+
+
+async def serve(host_netns: str | None, nodes: int = 0) -> None:
     paths = Paths.for_host(host_netns)
     os.makedirs(paths.root, exist_ok=True)
-    nl = Netlink()
-    nft = NftCli()
-    resolver = Resolver(socket_factory=HostSockets(host_netns))
-    dns = DnsAgent(host_netns, resolver, nft, upstream_servers(host_resolv(host_netns)))
-    agent = Agent(host_netns, nl, nft, Supervisor(paths.logs, host_netns), dns)
-    ctl = Controller([agent], nl, host_netns)
+    ctl, lab, remove = await asyncio.to_thread(compose, host_netns, nodes, paths)
     stop = asyncio.Event()
+
     def on_signal(sig: int) -> None:
         log.info("received %s: removing the stack and stopping", signal.Signals(sig).name)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
-    runner = web.AppRunner(build_app(ctl, stop))
+    runner = web.AppRunner(build_app(ctl, stop, lab, remove))
     await runner.setup()
     if os.path.exists(paths.socket):
         os.unlink(paths.socket)
     await web.UnixSite(runner, paths.socket).start()
     with open(paths.pid_file, "w") as f:
         f.write(str(os.getpid()))
-    log.info("mesh daemon serving %s (host namespace: %s)", paths.socket, host_netns or "root")
+    log.info("mesh daemon serving %s (host namespace: %s, nodes: %s)", paths.socket,
+             host_netns or "root", len(lab) or "this host")
     try:
         await stop.wait()
         await asyncio.sleep(0.05)      # let the response to /v1/down go out
     finally:
         await ctl.down()
-        await resolver.close()
+        for agent in ctl.agents.values():
+            await agent.dns.resolver.close()
+        await asyncio.to_thread(remove)
         await runner.cleanup()
         for path in (paths.socket, paths.pid_file):
             if os.path.exists(path):

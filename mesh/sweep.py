@@ -16,7 +16,7 @@ from mesh.nft import NftCli
 from mesh.paths import Paths
 from mesh.runtime import kill_leftovers
 
-OUR_LINKS = ("mhb", "mhv", "mhm")   # bridges, veth host sides, macvlans in transit
+OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl")   # bridges, veths, macvlans, vxlans, lab links
 
 
 def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:

@@ -14,6 +14,7 @@ def task_view(task: TaskState, status: dict, desired: DesiredState) -> dict:
              for p in desired.publications if p.service == task.service]
     return {
         "name": task.name, "id": task.id, "service": task.service, "slot": task.slot,
+        "node": task.node or None,
         "state": status["state"], "pid": status["pid"], "exit_code": status["exit_code"],
         "restarts": status["restarts"], "network_mode": task.netmode, "sandbox": task.sandbox,
         "hostname": task.hostname, "ports": ports,
@@ -39,3 +40,24 @@ def network_view(net: NetworkState, desired: DesiredState) -> dict:
 
 def network_list(desired: DesiredState) -> list[dict]:
     return [network_view(n, desired) for n in desired.networks.values()] + list(PSEUDO_NETWORKS)
+
+
+def service_list(desired: DesiredState, status) -> list[dict]:
+    """`mesh service ls` / `ps`: each service with its tasks (running or not) and pending tasks."""
+    out = []
+    for name, svc in desired.services.items():
+        tasks = [t for t in desired.tasks.values() if t.service == name]
+        states = {t.name: status(t.name)["state"] for t in tasks}
+        pending = [{"name": task, "reason": reason} for s, task, reason in desired.pending if s == name]
+        out.append({
+            "name": name, "mode": svc.mode,
+            "replicas": len(tasks) + len(pending) if svc.mode == "global" else svc.replicas,
+            "running": sum(1 for s in states.values() if s == "running"),
+            "ports": sorted({f"{p.published}->{p.target}/{p.protocol}"
+                             for p in desired.publications if p.service == name}),
+            "vips": {n: a for s, n, a in desired.vips if s == name},
+            "tasks": [{"name": t.name, "node": t.node or None, "state": states[t.name],
+                       "addresses": {e.network: e.address for e in t.endpoints}} for t in tasks],
+            "pending": pending,
+        })
+    return out

@@ -50,6 +50,7 @@ class Lab:
         self.host = f"mesh-t{self.tag}"
         self.env = {**os.environ, "MESH_RUN_DIR": str(tmp / "run"), "PYTHONSAFEPATH": "1"}
         self.extra_ns: list[str] = []
+        self.echo = f"{SYSTEM_PYTHON} {ECHO}"
         self.tmp = tmp
         sh(["ip", "netns", "add", self.host])
         sh(["ip", "link", "set", "lo", "up"], self.host)

@@ -1,0 +1,109 @@
+"""A 3-node lab in one daemon: node namespaces on an underlay bridge in the test's host namespace,
+one agent per node, tasks spread by the scheduler, overlay networks across nodes."""
+import json
+
+import pytest
+
+from labkit import curl, sh
+
+STACK = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {{replicas: {web}}}
+    networks: [front]
+    ports: [{{target: 80, published: 8080, mode: host}}]
+  agent:
+    command: sleep 300
+    deploy: {{mode: global}}
+    networks: [front]
+  boss:
+    command: sleep 300
+    deploy: {{placement: {{constraints: ["node.role==manager"]}}, replicas: 2}}
+    networks: [front]
+  api:
+    command: sleep 300
+    networks: [front]
+  nowhere:
+    command: sleep 300
+    deploy: {{placement: {{constraints: ["node.labels.zone==mars"]}}}}
+networks:
+  front: {{}}
+"""
+
+
+@pytest.fixture
+def cluster(lab):
+    path = lab.tmp / "cluster.yaml"
+    lab.write = lambda web: path.write_text(STACK.format(web=web).replace("@ECHO@", lab.echo))
+    lab.write(3)
+    lab.mesh("up", "-f", str(path), "--nodes", "3")
+    lab.stack_path = str(path)
+    return lab
+
+
+def tasks(lab):
+    return {t["name"]: t for t in lab.json("ps")}
+
+
+def test_nodes_spread_global_constraints_and_pending(cluster):
+    lab = cluster
+    nodes = lab.json("node", "ls")
+    assert [(n["name"], n["role"], n["state"]) for n in nodes] == [
+        ("n1", "manager", "ready"), ("n2", "worker", "ready"), ("n3", "worker", "ready")]
+    for n in nodes:       # every node's address answers from the host namespace
+        assert sh(["ip", "route", "get", n["address"]], lab.host).returncode == 0
+    ts = tasks(lab)
+    assert sorted(ts[f"web.{i}"]["node"] for i in (1, 2, 3)) == ["n1", "n2", "n3"]
+    assert sorted(t["node"] for n, t in ts.items() if n.startswith("agent.")) == ["n1", "n2", "n3"]
+    assert {ts["boss.1"]["node"], ts["boss.2"]["node"]} == {"n1"}
+    ps = json.loads(lab.mesh("service", "ps", "nowhere", "--json").stdout)
+    assert ps["tasks"] == [] and "node.labels.zone==mars" in ps["pending"][0]["reason"]
+    assert "pending" in lab.mesh("service", "ps", "nowhere").stdout
+
+
+def test_overlay_dns_and_host_mode_ports_across_nodes(cluster):
+    lab = cluster
+    ts = tasks(lab)
+    by_node = {ts[f"web.{i}"]["node"]: f"web.{i}" for i in (1, 2, 3)}
+    here, there = by_node["n1"], by_node["n2"]
+    there_ip = ts[there]["networks"]["front"]["address"]
+    out = lab.exec(here, "curl", "-sS", "--max-time", "3", f"http://{there_ip}/").stdout
+    assert f"host={ts[there]['hostname']}" in out
+    assert lab.exec(here, "dig", "+short", "@127.0.0.11", there).stdout.split() == [there_ip]
+    assert sorted(lab.exec(here, "dig", "+short", "@127.0.0.11", "tasks.web").stdout.split()) == \
+        sorted(ts[f"web.{i}"]["networks"]["front"]["address"] for i in (1, 2, 3))
+    for node in lab.json("node", "ls"):   # host mode: each node publishes its own replica
+        body = curl(f"http://{node['address']}:8080/", lab.host)
+        assert f"host={ts[by_node[node['name']]]['hostname']}" in body
+
+
+def test_scale_up_and_down(cluster):
+    lab = cluster
+    lab.mesh("service", "scale", "api=5")
+    ts = tasks(lab)
+    assert {f"api.{i}" for i in range(1, 6)} <= set(ts)
+    assert all(t["state"] == "running" for n, t in ts.items() if n.startswith("api."))
+    counts = [sum(1 for n, t in ts.items() if n.startswith("api.") and t["node"] == node)
+              for node in ("n1", "n2", "n3")]
+    assert sorted(counts) == [1, 2, 2]
+    lab.mesh("service", "scale", "api=1")
+    assert [n for n in tasks(lab) if n.startswith("api.")] == ["api.1"]
+    # a host-mode port fits once per node: the 4th and 5th web replicas wait, saying why
+    lab.mesh("service", "scale", "web=5")
+    ps = json.loads(lab.mesh("service", "ps", "web", "--json").stdout)
+    assert len(ps["tasks"]) == 3
+    assert [p["name"] for p in ps["pending"]] == ["web.4", "web.5"]
+    assert "host-mode port 8080/tcp taken" in ps["pending"][0]["reason"]
+    services = {s["name"]: s for s in lab.json("service", "ls")}
+    assert services["api"]["replicas"] == 1 and services["agent"]["replicas"] == 3
+    assert services["web"]["running"] == 3 and services["web"]["replicas"] == 5
+
+
+def test_down_removes_the_lab(cluster):
+    lab = cluster
+    lab.mesh("down")
+    left = [l for l in sh(["ip", "netns", "list"]).stdout.splitlines() if l.startswith(lab.host + "-")]
+    assert left == []
+    links = sh(["ip", "-o", "link", "show"], lab.host).stdout
+    assert "mhlab" not in links and "mhl1" not in links
