@@ -1,5 +1,5 @@
 # Two entry points for a fresh Debian 12 machine, as root; both are safe to re-run.
-#   make demo   install what is needed, then run examples/demo.yaml inside the namespace mesh-demo
+#   make demo   install what is needed, then run examples/demo.yaml on a 3-node lab inside the namespace mesh-demo
 #   make test   install what is needed (with the test extras), then run the whole test suite
 SHELL := /bin/bash
 VENV ?= .venv
@@ -29,14 +29,19 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 demo: venv
-	$(MESH) up -f examples/demo.yaml --host-netns mesh-demo
+	$(MESH) down --host-netns mesh-demo >/dev/null 2>&1 || true
+	$(MESH) up -f examples/demo.yaml --nodes 3 --host-netns mesh-demo
 	@echo
-	$(MESH) network ls --host-netns mesh-demo
+	$(MESH) node ls --host-netns mesh-demo
 	@echo
-	@echo "# curl a published port from the host namespace (mesh-demo):"
-	ip netns exec mesh-demo curl -s --max-time 5 --retry 5 --retry-connrefused --retry-delay 1 http://localhost:8080/
-	@echo "# names inside a task, through the embedded resolver at 127.0.0.11:"
-	$(MESH) exec api.1 --host-netns mesh-demo -- getent hosts web backend tasks.web db
+	$(MESH) service ls --host-netns mesh-demo
+	@echo
+	@echo "# curl the published port on every node, from the host namespace (mesh-demo):"
+	@for a in $$($(MESH) node ls --json --host-netns mesh-demo | $(PY) -c 'import json,sys; print(" ".join(n["address"] for n in json.load(sys.stdin)))'); do \
+	  echo "curl http://$$a:8080/ -> $$(ip netns exec mesh-demo curl -s --max-time 5 --retry 5 --retry-connrefused --retry-delay 1 http://$$a:8080/)"; \
+	done
+	@echo "# names inside a task, through the embedded resolver at 127.0.0.11 (tasks on other nodes too):"
+	$(MESH) exec api.1 --host-netns mesh-demo -- getent hosts web backend db web.3
 	$(MESH) exec api.1 --host-netns mesh-demo -- dig +short @127.0.0.11 tasks.web
 	@echo
 	@echo "The demo keeps running. Try: $(MESH) ps --host-netns mesh-demo"
