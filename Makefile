@@ -52,6 +52,7 @@ demo-down: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+	@if $(PY) tests/vm/run.py --need-vm; then $(MAKE) --no-print-directory test-vm; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
@@ -67,3 +68,27 @@ bench-dns: venv
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	PYTHONSAFEPATH=1 $(PY) bench/dns/run.py $(BENCH_ARGS)
+
+# make vm-assets   install QEMU, busybox-static, kmod and ipvsadm if missing, then build (once) and cache
+#                  the VM's boot assets: a stock Debian kernel, its modules, vmlinux and an initramfs,
+#                  in /var/cache/mesh-vm (or $MESH_VM_CACHE / $XDG_CACHE_HOME/mesh-vm), never in the repo
+# make test-vm     run VM_TESTS with pytest inside a QEMU VM booting that kernel (it has 802.1Q and
+#                  IPVS, this machine's may not); see tests/vm/run.py. VM_ARGS: harness options, e.g.
+#                  VM_ARGS='--timeout 900 --keep-log --junitxml build/vm-junit.xml'
+VM_APT := qemu-system-x86 busybox-static kmod ipvsadm
+VM_TESTS ?= tests/kernel/test_modes.py::test_macvlan_on_a_vlan_sub_interface_made_on_demand
+VM_ARGS ?=
+.PHONY: vm-assets test-vm
+vm-assets:
+	@missing=$$(for p in $(VM_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ] || ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then \
+	  apt-get update -qq; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	python3 tests/vm/run.py --build-only
+
+test-vm: venv vm-assets
+	$(PY) tests/vm/run.py $(VM_ARGS) -- $(VM_TESTS)

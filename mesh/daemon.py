@@ -41,6 +41,12 @@ async def errors(request, handler):
         return await handler(request)
     except MeshError as exc:
         return web.json_response({"error": str(exc)}, status=STATUS.get(type(exc), 400))
+    except web.HTTPException:
+        raise
+    except Exception as exc:           # a bug or an unexpected kernel answer: say what, not just 500
+        log.exception("request %s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error: {type(exc).__name__}: {exc} "
+                                           f"(the daemon's log has the details)"}, status=500)
 
 
 def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None) -> web.Application:

@@ -31,7 +31,7 @@ def _ipr(netns: str | None) -> IPRoute:
 
 
 NUD_PERMANENT = 0x80
-EEXIST, ENOENT = 17, 2
+EEXIST, ENOENT, ENODEV = 17, 2, 19
 
 
 def _quiet(call, *args, **kwargs) -> None:
@@ -39,7 +39,7 @@ def _quiet(call, *args, **kwargs) -> None:
     try:
         call(*args, **kwargs)
     except NetlinkError as exc:
-        if exc.code not in (EEXIST, ENOENT):
+        if exc.code not in (EEXIST, ENOENT, ENODEV):
             raise
 
 
@@ -122,15 +122,17 @@ class Netlink:
             base_index = _index(ipr, base)
             if base_index is None:
                 raise MeshError(f"macvlan parent '{ifname}': its base interface '{base}' does not exist")
+            ipr.link("set", index=base_index, state="up")    # a VLAN cannot come up on a down base
             try:
                 ipr.link("add", ifname=ifname, kind="vlan", link=base_index, vlan_id=vlan)
+                ipr.link("set", index=_index(ipr, ifname), state="up")
             except NetlinkError as exc:
-                if exc.code == 95:      # EOPNOTSUPP: no 8021q in this kernel
-                    raise MeshError(f"macvlan parent '{ifname}': this kernel has no 802.1Q VLAN "
-                                    f"support (CONFIG_VLAN_8021Q), so the VLAN sub-interface "
-                                    f"cannot be made") from exc
+                _quiet(ipr.link, "del", ifname=ifname)
+                if exc.code == 95:      # EOPNOTSUPP
+                    raise MeshError(f"macvlan parent '{ifname}': the VLAN sub-interface cannot be made: "
+                                    f"this kernel has no 802.1Q VLAN support (CONFIG_VLAN_8021Q), or "
+                                    f"'{base}' cannot carry VLANs") from exc
                 raise MeshError(f"macvlan parent '{ifname}': cannot create it: {exc}") from exc
-            ipr.link("set", index=_index(ipr, ifname), state="up")
         return True
 
     # -- endpoints ----------------------------------------------------------------------------

@@ -78,9 +78,11 @@ def test_macvlan_reaches_a_peer_on_the_segment(lab):
 
 
 def _kernel_has_vlan(lab) -> bool:
-    probe = sh(["ip", "link", "add", "link", "lo", "name", "vlanprobe", "type", "vlan", "id", "9"],
+    """Can this kernel make a VLAN? (on a veth: `lo` never carries VLANs, even with 802.1Q)"""
+    sh(["ip", "link", "add", "vlanprobe0", "type", "veth", "peer", "name", "vlanprobe1"], lab.host)
+    probe = sh(["ip", "link", "add", "link", "vlanprobe0", "name", "vlanprobe", "type", "vlan", "id", "9"],
                lab.host, check=False)
-    sh(["ip", "link", "del", "vlanprobe"], lab.host, check=False)
+    sh(["ip", "link", "del", "vlanprobe0"], lab.host, check=False)
     return probe.returncode == 0
 
 
