@@ -26,8 +26,9 @@ How (all stdlib; needs qemu-system-x86, busybox-static, kmod, ipvsadm: `make vm-
    their content, so editing this file rebuilds it). The package is linux-image-amd64's current
    dependency unless MESH_VM_KERNEL_PKG names one; offline, the newest cached kernel is used.
 2. QEMU (TCG by default: the /dev/kvm here only runs specially built guests; MESH_VM_ACCEL=kvm where
-   KVM works) boots it with three virtio-9p shares: this machine's `/` read-only, the kernel's
-   modules read-only, and a fresh results folder read-write.
+   KVM works) boots it with four virtio-9p shares: this machine's `/` read-only, the kernel's
+   modules read-only, a fresh results folder read-write, and this work tree read-only (mounted with
+   a tmpfs overlay at its own path when the guest cannot see it, e.g. a CI clone under /tmp).
 3. Stage 1 (/init in the initramfs) loads the 9p and overlay modules, mounts `/` with a tmpfs
    overlay on top (the guest may write anywhere: /etc/netns, /run/mesh, __pycache__; nothing reaches
    this machine), mounts the modules at /lib/modules/<ver> and the results at /run/mesh-vm/results,
@@ -461,6 +462,16 @@ def job_script(assets: Assets, results: str, pytest_args: list[str] | None, gues
         "  modprobe -q \"$m\" || echo \"mesh-vm: modprobe $m failed\"",
         "done",
         f"echo \"{MARK} modules-loaded uptime=$(cut -d' ' -f1 /proc/uptime)\"",
+        # the guest's /tmp and /mnt are fresh tmpfs: a work tree under them (a CI clone in /tmp) comes
+        # in through its own 9p share, with a tmpfs overlay so the tests may write in it
+        f"if [ ! -d {q(str(REPO / '.venv'))} ]; then",
+        "  mkdir -p /run/mesh-vm/repo-ro /run/mesh-vm/repo-rw",
+        f"  mount -t 9p -o trans=virtio,version=9p2000.L,msize={MSIZE},ro repo /run/mesh-vm/repo-ro || exit 2",
+        "  mount -t tmpfs tmpfs /run/mesh-vm/repo-rw && mkdir -p /run/mesh-vm/repo-rw/u /run/mesh-vm/repo-rw/w",
+        f"  mkdir -p {q(str(REPO))}",
+        "  mount -t overlay overlay -o lowerdir=/run/mesh-vm/repo-ro,upperdir=/run/mesh-vm/repo-rw/u,"
+        f"workdir=/run/mesh-vm/repo-rw/w {q(str(REPO))} || exit 2",
+        "fi",
         f"cd {q(str(REPO))} || exit 2",
     ]
     if setup:
@@ -498,7 +509,8 @@ def qemu_argv(assets: Assets, initramfs: Path, results: Path, accel: str, memory
         machine = ["-accel", "tcg,tb-size=1024,thread=multi", "-cpu", "max"]
     shares = [("hostroot", "/", ",readonly=on,multidevs=remap"),
               ("kmods", str(assets.modules), ",readonly=on"),
-              ("results", str(results), "")]
+              ("results", str(results), ""),
+              ("repo", str(REPO), ",readonly=on,multidevs=remap")]
     argv = [QEMU, "-M", "pc", *machine, "-smp", str(smp), "-m", memory, "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
             "-kernel", str(assets.kernel), "-initrd", str(initramfs),
