@@ -11,6 +11,9 @@ after the ID; several replies are shuffled variants of the same answer, one pick
     r.cacheable   # same query bytes + same View -> same replies (never for malformed queries)
     r.question    # the packet.Question read (None when the query could not be read)
 
+    cache = RelayCache(10_000)    # forwarded replies (see Relayed), by query bytes after the ID
+    cache.put(query[2:], reply, now)   # kept if cacheable; .get(query[2:], later): reply after ID
+
 `memo` (optional, a dict the caller owns per View and drops with it) keeps built answers by meaning
 (name, type, class, size, EDNS, RD) rather than by bytes, so that queries differing only in case,
 EDNS options or other bytes the answer does not depend on are not built again with dnslib: the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from dataclasses import dataclass
 
 from dnslib import A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNS0, PTR, RR, SRV
@@ -43,6 +47,9 @@ QTYPE_A, QTYPE_PTR, QTYPE_SRV = 1, 12, 33
 CLASS_IN, CLASS_ANY = 1, 255
 MAX_VARIANTS = 16
 MEMO_MAX = 10_000
+RELAY_TTL_MAX = 300          # seconds a forwarded reply is cached at most
+RELAY_NEGATIVE_TTL = 5       # for NXDOMAIN / NODATA without an authority SOA to say how long
+_TTL = struct.Struct("!I")
 _rng = random.Random()       # our own: tests' libraries may reseed the global one
 
 
@@ -174,3 +181,82 @@ def fit(reply: bytes, q: Question, tcp: bool) -> bytes:
     limit = TCP_MAX if tcp else q.limit
     return reply if len(reply) <= limit else packet.truncated(reply, q.end)
 
+
+class Relayed:
+    """A forwarded reply in the cache: its bytes after the ID, kept for the least TTL of its answer
+    records (NXDOMAIN / NODATA: the authority SOA's min(TTL, MINIMUM), else RELAY_NEGATIVE_TTL),
+    at most RELAY_TTL_MAX seconds. Served with every TTL (OPT's aside) decremented by the whole
+    seconds elapsed; the bytes are rebuilt at most once a second; None once the least TTL is 0."""
+    __slots__ = ("body", "fields", "born", "expires", "_elapsed", "_body")
+
+    def __init__(self, body: bytes, fields: tuple[tuple[int, int], ...], ttl: int, now: float):
+        self.body, self.fields, self.born, self.expires = body, fields, now, now + ttl
+        self._elapsed, self._body = 0, body
+
+    def at(self, now: float) -> bytes | None:
+        elapsed = int(now - self.born)
+        if elapsed == self._elapsed:
+            return self._body
+        if now >= self.expires or elapsed < 0:
+            return None
+        buf = bytearray(self.body)
+        pack = _TTL.pack_into
+        for offset, ttl in self.fields:
+            pack(buf, offset, ttl - elapsed if ttl > elapsed else 0)
+        self._elapsed, self._body = elapsed, bytes(buf)
+        return self._body
+
+
+def relayed(reply: bytes, now: float) -> Relayed | None:
+    """The cache entry for an upstream's reply (complete, with any ID), or None when it must not be
+    cached: TC set, an rcode other than NOERROR / NXDOMAIN, unreadable records, or a TTL of 0."""
+    if len(reply) < 12 or reply[2] & (packet.TC >> 8):
+        return None
+    rcode = packet.rcode_of(reply)
+    if rcode not in (NOERROR, packet.NXDOMAIN):
+        return None
+    try:
+        fields, least, soa = packet.reply_ttls(reply)
+    except Malformed:
+        return None
+    if rcode == NOERROR and least is not None:
+        ttl = least
+    else:
+        ttl = RELAY_NEGATIVE_TTL if soa is None else soa
+        ttl = ttl if least is None else min(ttl, least)
+    ttl = min(ttl, RELAY_TTL_MAX)
+    if ttl <= 0:
+        return None
+    return Relayed(reply[2:], tuple((offset - 2, t) for offset, t in fields), ttl, now)
+
+
+class RelayCache:
+    """Forwarded replies (Relayed) by query bytes after the ID; cleared when it holds `size`."""
+
+    def __init__(self, size: int):
+        self.size, self._entries = size, {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: float) -> bytes | None:
+        """The reply after the ID, TTLs as of `now`, to the query whose bytes after the ID are `key`."""
+        entry = self._entries.get(key)
+        body = None if entry is None else entry.at(now)
+        if body is None and entry is not None:
+            del self._entries[key]
+        return body
+
+    def put(self, key: bytes, reply: bytes, now: float) -> bool:
+        """Keep `reply` (an upstream's, complete) for `key` if it may be cached (see relayed)."""
+        entry = relayed(reply, now)
+        if entry is not None:
+            if len(self._entries) >= self.size:
+                self._entries.clear()
+            self._entries[key] = entry
+        return entry is not None
+
+    def prune(self, now: float) -> None:
+        """Forget the expired entries."""
+        for key in [k for k, entry in self._entries.items() if entry.expires <= now]:
+            del self._entries[key]

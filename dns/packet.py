@@ -11,6 +11,7 @@ packet), so compression loops, overlong labels and bad counts cost a few microse
     header_reply(data, FORMERR)           # 12 bytes: the ID, QR, the opcode and RD copied, no records
     short_reply(data, q, SERVFAIL)        # header + the question (+ an OPT when the query had one)
     truncated(reply, end)                 # a reply cut to header + question, with TC set
+    reply_ttls(reply)                     # an upstream reply's TTL fields, for caching it
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ FIXED = struct.Struct("!HHIH")                 # type, class, ttl, rdlength of a
 QR, TC, RD, RA = 0x8000, 0x0200, 0x0100, 0x0080
 OPCODE = 0x7800
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
-OPT = 41
+OPT, SOA = 41, 6
 UDP_MIN, UDP_MAX, TCP_MAX = 512, 4096, 65535
 OUR_UDP_SIZE = 4096                            # advertised in the OPT of our replies
 MAX_HOPS = 32                                  # compression pointers followed in one name
@@ -190,3 +191,34 @@ def matches(reply: bytes, qid: int, question: bytes) -> bool:
 def rcode_of(reply: bytes) -> int:
     """The header rcode (low 4 bits) of a reply of at least 4 bytes."""
     return reply[3] & 0xF
+
+
+def reply_ttls(reply: bytes) -> tuple[list[tuple[int, int]], int | None, int | None]:
+    """Walk an (upstream's) reply: ([(offset, ttl)] of every record's TTL field but OPT's, least
+    TTL of the answer records or None without any, min(TTL, MINIMUM) of an authority SOA or None);
+    Malformed when any record runs past the end or a name is bad."""
+    if len(reply) < 12:
+        raise Malformed("shorter than a header")
+    _, _, qd, an, ns, ar = HEADER.unpack_from(reply)
+    pos, n = 12, len(reply)
+    for _ in range(qd):
+        pos = skip_name(reply, pos) + 4
+    fields, least, soa = [], None, None
+    for i in range(an + ns + ar):
+        pos = skip_name(reply, pos)
+        if pos + 10 > n:
+            raise Malformed("record header runs past the end")
+        rtype, _, ttl, rdlength = FIXED.unpack_from(reply, pos)
+        ttl = 0 if ttl & 0x80000000 else ttl           # RFC 2181 8: such a TTL means zero
+        end = pos + 10 + rdlength
+        if end > n:
+            raise Malformed("record data runs past the end")
+        if rtype != OPT:
+            fields.append((pos + 4, ttl))
+            if i < an:
+                least = ttl if least is None else min(least, ttl)
+            elif i < an + ns and rtype == SOA and rdlength >= 22:
+                (minimum,) = struct.unpack_from("!I", reply, end - 4)
+                soa = min(ttl, minimum) if soa is None else min(soa, ttl, minimum)
+        pos = end
+    return fields, least, soa

@@ -462,7 +462,8 @@ def print_table(res: dict, meta: dict) -> None:
     st = res["resolver_stats"]
     if st:
         print(f"\nours, all runs: {st['queries']} queries, "
-              f"cache hits {res['cache_hit_share']:.1%}, forwarded {st['forwarded']}, "
+              f"cache hits {res['cache_hit_share']:.1%} (of them cached forwarded replies "
+              f"{st.get('relay_hits', 0)}), forwarded {st['forwarded']}, "
               f"refused {st['refused']} (max_inflight), servfail {st['servfail']}, "
               f"dropped {st['dropped']}")
     for note in notes(res, meta):
