@@ -143,10 +143,16 @@ def compose(host_netns: str | None, nodes: int, paths: Paths):
     nl, nft = Netlink(), NftCli()
     if not nodes:
         return Controller([_agent(host_netns, "", nl, nft, paths)], nl, host_netns), [], lambda: None
+    made_host = bool(host_netns) and not nl.netns_exists(host_netns)
     lab = make_lab(host_netns, nodes, nl)
     agents = [_agent(n.netns, n.name, nl, nft, paths) for n in lab]
     ctl = Controller(agents, nl, host_netns, placer=lab_placer(lab), extra_routes=[UNDERLAY_NET])
-    return ctl, lab, lambda: remove_lab(host_netns, lab, nl)
+
+    def remove() -> None:
+        remove_lab(host_netns, lab, nl)
+        if made_host:                    # the lab made the host namespace: it goes with the lab
+            nl.delete_netns(host_netns)
+    return ctl, lab, remove
 
 
 async def serve(host_netns: str | None, nodes: int = 0) -> None:
