@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from mesh.nft import in_netns
 from mesh.state import TaskState
 
 IDLE_COMMAND = ("sleep", "infinity")
@@ -24,20 +25,16 @@ STOP_GRACE = 5.0
 
 def run_argv(task: TaskState, host_netns: str | None) -> list[str]:
     """The argv that starts `task` (pure)."""
-    netns = task.sandbox or host_netns
-    argv = ["ip", "netns", "exec", netns] if netns else []
+    argv = []
     if task.netmode != "host":
         argv += ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', task.hostname]
-    return argv + list(task.command or IDLE_COMMAND)
+    return in_netns(task.sandbox or host_netns, argv + list(task.command or IDLE_COMMAND))
 
 
 def exec_argv(task: TaskState, host_netns: str | None, pid: int | None, command: list[str]) -> list[str]:
     """The argv that runs `command` beside a task, in its network and UTS namespaces (pure)."""
-    netns = task.sandbox or host_netns
-    argv = ["ip", "netns", "exec", netns] if netns else []
-    if pid and task.netmode != "host":
-        argv += ["nsenter", "-t", str(pid), "--uts", "--"]
-    return argv + command
+    argv = ["nsenter", "-t", str(pid), "--uts", "--"] if pid and task.netmode != "host" else []
+    return in_netns(task.sandbox or host_netns, argv + command)
 
 
 def should_restart(policy: str, exit_code: int, stopping: bool) -> bool:
