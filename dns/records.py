@@ -107,7 +107,7 @@ def build_views(desired: DesiredState, live: set[str], upstreams: tuple[str, ...
         if not (task.embedded_dns and task.owns_sandbox and task.sandbox) or task.node != node:
             continue
         nets = [desired.networks[e.network] for e in task.endpoints
-                if not desired.networks[e.network].builtin]
+                if not (desired.networks[e.network].builtin or desired.networks[e.network].ingress)]
         for net in nets:
             if net.name not in cache:
                 cache[net.name] = _network_names(desired, services, net.name, live, ttl)

@@ -1,6 +1,6 @@
 """The load-balancer Protocol every backend implements, and `--lb` selection.
 
-    lb = choose("auto")              # IPVS when the kernel has ip_vs, nftables otherwise
+    lb = make_lb("auto", NftCli())   # IPVS when the kernel has ip_vs, nftables otherwise
     lb.apply("mesh-h1-web.1", table) # make that namespace's balancer exactly `table`: one change,
                                      # computed from what this object applied last (kept in memory)
     lb.resync("mesh-h1-web.1")       # rewrite the namespace's balancer whole from that memory
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from mesh.errors import MeshError
 from mesh.lb.model import Table
 
 LB_CHOICES = ("auto", "ipvs", "nftables")
@@ -42,3 +43,23 @@ def kernel_has_ipvs() -> bool:
             except OSError:
                 continue
     return False
+
+
+def resolve_choice(choice: str) -> str:
+    """`--lb` -> "ipvs" | "nftables", or a MeshError naming what is wrong."""
+    if choice not in LB_CHOICES:
+        raise MeshError(f"--lb: expected one of {', '.join(LB_CHOICES)}, got '{choice}'")
+    if choice == "auto":
+        return "ipvs" if kernel_has_ipvs() else "nftables"
+    if choice == "ipvs" and not kernel_has_ipvs():
+        raise MeshError("--lb ipvs: this kernel has no ip_vs (CONFIG_IP_VS); use --lb nftables "
+                        "or --lb auto")
+    return choice
+
+
+def make_lb(choice: str, nft) -> LoadBalancer:
+    if resolve_choice(choice) == "ipvs":
+        from mesh.lb.ipvs import IpvsLb
+        return IpvsLb(nft)
+    from mesh.lb.nftables import NftLb
+    return NftLb(nft)

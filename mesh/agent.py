@@ -16,19 +16,25 @@ import os
 import shutil
 from dataclasses import replace
 
+from mesh import readiness as rd
 from mesh.etcfiles import render_hosts, render_resolv_conf
 from mesh.hostrules import render_delete_table, render_host_table
+from mesh.lb.conntrack import flush_udp_to, removed_udp_backends
+from mesh.lb.nftables import NftLb
+from mesh.lb.plan import build_balancers, render_return_table, return_routes
 from mesh.netlink import Netlink
 from mesh.nft import Nft
 from mesh.overlay import OverlayPlan, build_overlay_plan, diff_entries, vxlan_link
 from mesh.runtime import Supervisor
-from mesh.state import DesiredState, EndpointState, NetworkState, TaskState
+from mesh.state import (INGRESS_LOCAL, INGRESS_NETWORK, INGRESS_UPLINK_NODE, INGRESS_UPLINK_PREFIX,
+                        DesiredState, EndpointState, IngressState, NetworkState, TaskState)
 
 log = logging.getLogger("mesh.agent")
 ETC_NETNS = "/etc/netns"
 
 
-def _restart_key(t: TaskState) -> tuple:
+def restart_key(t: TaskState) -> tuple:
+    """What, when it changes, restarts a task's process."""
     return (t.command, t.environment, t.hostname, t.restart, t.sandbox, t.netmode, t.workdir)
 
 
@@ -44,17 +50,26 @@ def host_resolv(host_netns: str | None) -> str:
 
 class Agent:
     def __init__(self, host_netns: str | None, netlink: Netlink, nft: Nft, supervisor: Supervisor,
-                 dns=None, node: str = ""):
+                 dns=None, node: str = "", lb=None):
         self.host = host_netns
+        self.lb = lb if lb is not None else NftLb(nft)   # a mesh.lb LoadBalancer
+        self.lb_tables: dict = {}        # namespace -> the Table last given to self.lb
+        self.host_text: str | None = None    # the host table last applied
+        self.returns: dict = {}          # task -> ReturnRoutes applied in its sandbox
+        # () -> Readiness cluster-wide; the controller of a lab gives every agent the union of
+        # all agents' own views; alone, tasks of other nodes count as ready
+        self.readiness = self.default_readiness
         self.node = node                 # in a cluster: this agent's node; it runs only its tasks
         self.overlay = OverlayPlan()
         self.nl = netlink
         self.nft = nft
         self.sup = supervisor
         self.dns = dns                   # a DnsAgent, or None for no embedded resolver
-        self.dns_kick: asyncio.Task | None = None
-        self.dns_dirty = False
-        supervisor.on_change = self.kick_dns
+        self.kicker: asyncio.Task | None = None
+        self.dirty = False
+        self.relisten: asyncio.TimerHandle | None = None
+        self.poll_delay = 0.1
+        supervisor.on_change = self.kick
         self.applied = DesiredState()
         self.created_host = False
         self.created_vlans: set[str] = set()
@@ -70,36 +85,96 @@ class Agent:
                 await self._apply(old, desired)
                 raise
             self.applied = desired
-        await self.sync_dns()
+        await self.sync_dataplane()
+
+    # -- who takes traffic ----------------------------------------------------------------------
+    def own_readiness(self) -> rd.Readiness:
+        """This node's tasks: alive = the process runs; ready = alive and healthy if checked; the
+        published TCP ports a ready task does not listen on yet (mesh.readiness)."""
+        return rd.own_readiness(self.applied, self.node, self.sup)
+
+    def default_readiness(self) -> rd.Readiness:
+        others = {n for n, t in self.applied.tasks.items() if t.node != self.node}
+        return self.own_readiness().merge(rd.Readiness(set(others), set(others)))
 
     def live_tasks(self) -> set[str]:
-        """Tasks whose names resolve: all but those exited or waiting to restart (another node's
-        tasks are not in this supervisor: they count as live)."""
-        return {n for n in self.applied.tasks
-                if self.sup.status(n)["state"] not in ("exited", "restarting")}
+        """Tasks whose names resolve (tasks.<service>, names of tasks): ready and not draining."""
+        return self.readiness().ready - self.applied.draining
 
-    async def sync_dns(self) -> None:
+    async def sync_dataplane(self) -> None:
+        """DNS, balancers and the host's published ports follow the tasks' readiness."""
+        waiting = bool(self.own_readiness().missing)   # before the snapshot: a task that starts
+        readiness = self.readiness()                    # listening after this look is seen next time
         if self.dns is not None:
-            await self.dns.sync(self.applied, self.live_tasks())
+            await self.dns.sync(self.applied, readiness.ready - self.applied.draining)
+        async with self.lock:
+            await asyncio.to_thread(self._sync_lb, self.applied, readiness)
+        if waiting:
+            self._poll_soon()
+        else:
+            self.poll_delay = 0.1
 
-    def kick_dns(self) -> None:
-        """A task changed state: resync DNS soon; a burst of changes coalesces, none is lost."""
-        self.dns_dirty = True
-        if self.dns is not None and (self.dns_kick is None or self.dns_kick.done()):
-            self.dns_kick = asyncio.get_running_loop().create_task(self._drain_dns())
+    def _poll_soon(self) -> None:
+        """Some task runs but does not listen yet: look again soon (0.1 s, backing off to 1 s)."""
+        if self.relisten is None:
+            loop = asyncio.get_running_loop()
+            self.relisten = loop.call_later(self.poll_delay, self._relisten)
+            self.poll_delay = min(self.poll_delay * 1.5, 1.0)
 
-    async def _drain_dns(self) -> None:
-        while self.dns_dirty:
-            self.dns_dirty = False
+    def _relisten(self) -> None:
+        self.relisten = None
+        self.kick()
+
+    def kick(self) -> None:
+        """A task changed state: resync soon; a burst of changes coalesces, none is lost."""
+        self.dirty = True
+        if self.kicker is None or self.kicker.done():
+            self.kicker = asyncio.get_running_loop().create_task(self._drain_kicks())
+
+    async def _drain_kicks(self) -> None:
+        while self.dirty:
+            self.dirty = False
             try:
-                await self.sync_dns()
+                await self.sync_dataplane()
             except Exception:
-                log.exception("DNS resync failed")
+                log.exception("data-plane resync failed")
+
+    def resync_lb(self) -> None:
+        """The periodic repair: every balancer rewritten whole from memory (worker thread)."""
+        for netns in self.lb.namespaces():
+            try:
+                self.lb.resync(netns)
+            except Exception:
+                log.exception("load-balancer resync of %s failed", netns)
+
+    def _sync_lb(self, desired: DesiredState, readiness: rd.Readiness) -> None:
+        tables = build_balancers(desired, self.node, readiness)
+        for netns in [n for n in self.lb_tables if n not in tables]:
+            self.lb.forget(netns)
+        for netns, table in tables.items():
+            old = self.lb_tables.get(netns, {})
+            self.lb.apply(netns, table)
+            gone = removed_udp_backends(old, table)
+            if gone:
+                try:
+                    flush_udp_to(netns, gone)
+                except Exception:
+                    log.exception("conntrack flush in %s failed", netns)
+        self.lb_tables = tables
+        self._sync_host_table(desired, readiness)
+
+    def _sync_host_table(self, desired: DesiredState, readiness: rd.Readiness) -> None:
+        view = self._local(desired, readiness)
+        text = render_host_table(view) if view.networks else (
+            render_delete_table() if self.host_text is not None else None)
+        if text is not None and text != self.host_text:
+            self.nft.apply(self.host, text)
+        self.host_text = text if view.networks else None
 
     async def _apply(self, desired: DesiredState, old: DesiredState) -> None:
         mine, was_mine = desired.on_node(self.node), old.on_node(self.node)
         restart = [n for n, t in was_mine.items()
-                   if n not in mine or _restart_key(t) != _restart_key(mine[n])]
+                   if n not in mine or restart_key(t) != restart_key(mine[n])]
         await asyncio.gather(*(self.sup.stop(n) for n in restart))
         await asyncio.to_thread(self._apply_kernel, desired, old)
         for name, task in mine.items():
@@ -117,6 +192,11 @@ class Agent:
             if old.networks.get(net.name) != net:
                 self._remove_network(old.networks.get(net.name))
                 self._add_network(net, desired.underlay.get(self.node))
+        new_ing, old_ing = desired.ingress.get(self.node), old.ingress.get(self.node)
+        if old_ing is not None and old_ing != new_ing:
+            self._remove_ingress(old_ing)
+        if new_ing is not None and new_ing != old_ing:
+            self._add_ingress(new_ing, desired.networks[INGRESS_NETWORK])
         mine, was_mine = desired.on_node(self.node), old.on_node(self.node)
         for task in mine.values():
             self._sync_task(task, was_mine.get(task.name), desired)
@@ -127,25 +207,31 @@ class Agent:
             if name not in desired.networks:
                 self._remove_network(net)
         self._sync_overlay(desired)
-        new, before = self._local(desired), self._local(old)
-        if (new.networks, new.publications) != (before.networks, before.publications):
-            text = render_host_table(new) if new.networks else render_delete_table()
-            if new.networks or before.networks:
-                self.nft.apply(self.host, text)
+        self._sync_host_table(desired, self.readiness())
 
-    def _local(self, desired: DesiredState) -> DesiredState:
-        """Published ports lead to this node's own tasks (host-mode publishing in a cluster)."""
-        if not desired.underlay:
-            return desired
-        mine = {e.address for t in desired.on_node(self.node).values() for e in t.endpoints}
-        pubs = tuple(replace(p, backends=tuple(b for b in p.backends if b in mine))
-                     for p in desired.publications)
-        return replace(desired, publications=pubs)
+    def _local(self, desired: DesiredState, readiness: rd.Readiness) -> DesiredState:
+        """The host table's view: published ports lead to tasks that take connections on them; in
+        a cluster, host-mode ports to this node's own tasks and ingress-mode ports to this node's
+        ingress namespace."""
+        tasks = desired.on_node(self.node).values() if desired.underlay else desired.tasks.values()
+        ingress = desired.ingress.get(self.node)
+        pubs = []
+        for p in desired.publications:
+            if ingress is not None and p.mode == "ingress":
+                pubs.append(replace(p, backends=(INGRESS_LOCAL,), target=p.published))
+                continue
+            taking = {e.address for t in tasks if t.service == p.service
+                      and t.name not in desired.draining and readiness.takes(t.name, p.target)
+                      for e in t.endpoints}
+            pubs.append(replace(p, backends=tuple(b for b in p.backends if b in taking)))
+        nets = {n: net for n, net in desired.networks.items() if not net.ingress}
+        return replace(desired, publications=tuple(pubs), networks=nets)
 
     def _sync_overlay(self, desired: DesiredState) -> None:
         """Static FDB and neighbour entries for every task of an overlay on another node."""
         vnis = {n.name: n.vni for n in desired.networks.values() if n.driver == "overlay"}
         endpoints = [(e.network, t.node, e.address) for t in desired.tasks.values() for e in t.endpoints]
+        endpoints += [(INGRESS_NETWORK, i.node, i.address) for i in desired.ingress.values()]
         plan = build_overlay_plan(self.node, desired.underlay, vnis, endpoints) \
             if vnis and self.node in desired.underlay else OverlayPlan()
         gone_fdb, new_fdb = diff_entries(self.overlay.fdb, plan.fdb)
@@ -179,6 +265,23 @@ class Agent:
             self.nl.delete_link(self.host, net.parent)
             self.created_vlans.discard(net.parent)
 
+    # -- the ingress namespace ----------------------------------------------------------------
+    def _add_ingress(self, ing: IngressState, net: NetworkState) -> None:
+        """On the ingress overlay (eth0) and joined to the node by a routed veth pair (eth1)."""
+        self.nl.ensure_netns(ing.sandbox)
+        self.nl.add_veth_endpoint(self.host, net.link, ing.link, ing.sandbox, "eth0", ing.address,
+                                  ing.prefixlen, None, net.mtu)
+        self.nl.add_uplink(self.host, ing.uplink, INGRESS_UPLINK_NODE, ing.sandbox, "eth1",
+                           INGRESS_LOCAL, INGRESS_UPLINK_PREFIX)
+        self.nl.sysctl(ing.sandbox, "net.ipv4.ip_forward", "1")
+
+    def _remove_ingress(self, ing: IngressState) -> None:
+        self.lb.forget(ing.sandbox)
+        self.lb_tables.pop(ing.sandbox, None)
+        self.nl.delete_link(self.host, ing.uplink)
+        self.nl.delete_link(self.host, ing.link)
+        self.nl.delete_netns(ing.sandbox)
+
     # -- sandboxes and endpoints --------------------------------------------------------------
     def _sync_task(self, task: TaskState, old: TaskState | None, desired: DesiredState) -> None:
         if old and old.owns_sandbox and old.sandbox != task.sandbox:
@@ -195,7 +298,20 @@ class Agent:
         for net, ep in new_eps.items():
             if old_eps.get(net) != ep:
                 self._add_endpoint(task.sandbox, ep, desired.networks[net])
+        self._sync_return_routes(task, desired)
         self._write_etc(task)
+
+    def _sync_return_routes(self, task: TaskState, desired: DesiredState) -> None:
+        """Replies to clients of the routing mesh go back through the ingress namespace that sent
+        the request (the client's address is kept; mesh.lb.plan.return_routes)."""
+        new, old = return_routes(desired, task), self.returns.get(task.name)
+        if new == old:
+            return
+        self.nft.apply(task.sandbox, render_return_table(new))
+        ifname = (new or old).ifname
+        self.nl.set_policy_routes(task.sandbox, ifname, new.routes if new else (),
+                                  old.routes if old else ())
+        self.returns[task.name] = new
 
     def _add_endpoint(self, sandbox: str, ep: EndpointState, net: NetworkState) -> None:
         if net.bridged:
@@ -216,6 +332,7 @@ class Agent:
                 f.write(text)
 
     def _remove_task(self, task: TaskState) -> None:
+        self.returns.pop(task.name, None)
         if not task.owns_sandbox or not task.sandbox:
             return
         for ep in task.endpoints:
@@ -223,13 +340,19 @@ class Agent:
         self.nl.delete_netns(task.sandbox)
         shutil.rmtree(os.path.join(ETC_NETNS, task.sandbox), ignore_errors=True)
 
+    def _teardown_kernel(self) -> None:
+        for netns in list(self.lb_tables):
+            self.lb.forget(netns)
+        self.lb_tables = {}
+        self._apply_kernel(DesiredState(), self.applied)
+
     async def teardown(self) -> None:
         """Stop every process, remove every sandbox, link and table this agent made."""
         async with self.lock:
             if self.dns is not None:
                 await self.dns.close()
             await self.sup.stop_all()
-            await asyncio.to_thread(self._apply_kernel, DesiredState(), self.applied)
+            await asyncio.to_thread(self._teardown_kernel)
             self.applied, self.overlay = DesiredState(), OverlayPlan()
             if self.created_host and self.host:
                 await asyncio.to_thread(self.nl.delete_netns, self.host)

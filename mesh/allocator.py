@@ -18,7 +18,8 @@ from mesh.ipam import AddressPool, check_subnet, default_gateway, pick_subnet
 from mesh.links import build_link_env, build_link_hosts
 from mesh.model import DEFAULT_BRIDGE, Network, Service, Stack
 from mesh.overlay import VXLAN_OVERHEAD
-from mesh.state import DesiredState, EndpointState, NetworkState, Publication, TaskState
+from mesh.state import (INGRESS_NETWORK, DesiredState, EndpointState, IngressState, NetworkState,
+                        Publication, TaskState)
 
 PORT_RANGE = range(30000, 32768)
 VNI_BASE = 4096
@@ -40,6 +41,8 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
                   disconnections: tuple[tuple[str, str], ...] = (),
                   cluster: ClusterPlacement | None = None) -> DesiredState:
     networks = _build_networks(stack, previous, routes, host_netns, cluster is not None)
+    if cluster and _wants_ingress(stack):
+        networks = _with_ingress_network(stack, networks, previous, routes, host_netns)
     pools = _pools(networks)
     names_ = [(s, slot, t) for s, slot, t, _ in cluster.tasks] if cluster else _task_names(stack)
     node_of = {t: n for _, _, t, n in cluster.tasks} if cluster else {}
@@ -49,6 +52,7 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
                     _attachments(stack.services[svc], task, networks, connections, disconnections))
              for svc, slot, task in names_ if not _shares_sandbox(stack.services[svc])}
     kept = _reserve_known(plans, previous, pools)
+    ingress = _ingress(cluster, networks, pools, previous) if INGRESS_NETWORK in networks else {}
     vips = _vips(stack, networks, pools, previous)
     tasks: dict[str, TaskState] = {}
     for task_name, (svc, slot, attach) in plans.items():
@@ -64,7 +68,46 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     pubs = _publications(stack, tasks, networks, previous, names_)
     return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections, vips,
                         dict(stack.services), dict(cluster.underlay) if cluster else {},
-                        cluster.pending if cluster else ())
+                        cluster.pending if cluster else (), ingress)
+
+
+def _ingress_ports(svc: Service) -> bool:
+    return any(p.mode == "ingress" for p in svc.ports)
+
+
+def _wants_ingress(stack: Stack) -> bool:
+    return any(_ingress_ports(s) for s in stack.services.values())
+
+
+def _with_ingress_network(stack: Stack, networks, previous: DesiredState, routes,
+                          host_netns: str | None) -> dict[str, NetworkState]:
+    """The routing mesh's overlay: no gateway (nothing routes through it), no names, its own VNI."""
+    if INGRESS_NETWORK in stack.networks:
+        raise AllocationError(f"networks.{INGRESS_NETWORK}: the name '{INGRESS_NETWORK}' is reserved "
+                              f"for the cluster's routing mesh (ports published in ingress mode)")
+    taken = {n: ip_network(net.subnet) for n, net in networks.items()}
+    state = _network_state(Network(INGRESS_NETWORK, driver="overlay"),
+                           previous.networks.get(INGRESS_NETWORK), taken, routes, host_netns, True)
+    out = dict(networks)
+    out[INGRESS_NETWORK] = replace(state, gateway=None, ingress=True)
+    return _with_vnis(out, previous)
+
+
+def _ingress(cluster: ClusterPlacement, networks, pools, previous: DesiredState) -> dict:
+    """One ingress namespace per node, each keeping the ingress address it had."""
+    net, pool = networks[INGRESS_NETWORK], pools[INGRESS_NETWORK]
+    addresses = {}
+    for node in cluster.node_netns:
+        old = previous.ingress.get(node)
+        if old and pool.is_free(old.address):
+            addresses[node] = str(pool.reserve(old.address))
+    out = {}
+    for node, node_netns in cluster.node_netns.items():
+        sandbox = names.sandbox_netns(node_netns, INGRESS_NETWORK)
+        address = addresses.get(node) or str(pool.allocate())
+        out[node] = IngressState(node, sandbox, address, net.prefixlen,
+                                 names.veth_link(sandbox, INGRESS_NETWORK), names.uplink_link(sandbox))
+    return out
 
 
 def _shares_sandbox(svc: Service) -> bool:
@@ -217,6 +260,8 @@ def _attachments(svc: Service, task: str, networks, connections, disconnections)
         attach = [(a.network, a.aliases) for a in svc.networks]
     attach += [(net, ()) for t, net in connections if t == task and
                net not in [a for a, _ in attach]]
+    if INGRESS_NETWORK in networks and _ingress_ports(svc) and mode not in ("host", "none"):
+        attach.append((INGRESS_NETWORK, ()))     # the routing mesh reaches the task on it
     return [(net, aliases) for net, aliases in attach if (task, net) not in disconnections]
 
 
@@ -266,7 +311,8 @@ def _task(stack: Stack, svc: Service, slot: int, task: str, old: TaskState | Non
         hostname=svc.hostname or ("" if host else names.short_id(tid)),
         command=svc.command, environment=tuple(sorted(svc.environment.items())),
         restart=svc.restart, workdir=stack.directory, endpoints=endpoints,
-        embedded_dns=any(not e.network == DEFAULT_BRIDGE for e in endpoints))
+        embedded_dns=any(e.network not in (DEFAULT_BRIDGE, INGRESS_NETWORK) for e in endpoints),
+        healthcheck=svc.healthcheck)
 
 
 def _shared_task(stack, svc: Service, slot, task, tasks, previous, names_) -> TaskState:
@@ -284,7 +330,8 @@ def _shared_task(stack, svc: Service, slot, task, tasks, previous, names_) -> Ta
         name=task, id=tid, service=svc.name, slot=slot, netmode="container",
         sandbox=owner.sandbox, owns_sandbox=False, hostname=svc.hostname or owner.hostname,
         command=svc.command, environment=tuple(sorted(svc.environment.items())),
-        restart=svc.restart, workdir=stack.directory, embedded_dns=owner.embedded_dns)
+        restart=svc.restart, workdir=stack.directory, embedded_dns=owner.embedded_dns,
+        healthcheck=svc.healthcheck)
 
 
 def _with_links(task: TaskState, stack: Stack, tasks: dict[str, TaskState], names_) -> TaskState:
@@ -305,20 +352,24 @@ def _publications(stack: Stack, tasks, networks, previous: DesiredState, names_)
     for svc in stack.services.values():
         if not svc.ports:
             continue
-        backends = tuple(_publish_address(tasks[t], networks, svc) for s, _, t in names_ if s == svc.name)
         for i, port in enumerate(svc.ports):
+            mesh_ = port.mode == "ingress" and INGRESS_NETWORK in networks
+            backends = tuple(_publish_address(tasks[t], networks, svc, mesh_)
+                             for s, _, t in names_ if s == svc.name)
             key = f"{svc.name}/{i}"
             published = port.published or _pick_port(old.get(key), port.protocol, taken)
             taken.add((port.protocol, published))
             out.append(Publication(svc.name, published, port.target, port.protocol, port.host_ip,
-                                   backends, key))
+                                   backends, key, port.mode))
     return tuple(out)
 
 
-def _publish_address(task: TaskState, networks, svc: Service) -> str:
+def _publish_address(task: TaskState, networks, svc: Service, ingress: bool = False) -> str:
     for e in task.endpoints:
         net = networks[e.network]
-        if net.bridged and not net.internal:
+        if ingress and net.ingress:
+            return e.address
+        if not ingress and net.bridged and not net.internal and not net.ingress:
             return e.address
     raise AllocationError(f"services.{svc.name}.ports: publishing a port needs the service on a "
                           f"bridge network that is not internal")

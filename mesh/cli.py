@@ -4,6 +4,8 @@
     mesh node ls    mesh service ls | ps SVC | scale SVC=N | rm SVC
     mesh logs TASK    mesh exec TASK -- CMD...    mesh network connect|disconnect NET TASK
     mesh network inspect NET    mesh down
+    mesh manager --store etcd://HOST:PORT [--node-name M]     (a cluster's manager daemon)
+    mesh agent --store etcd://HOST:PORT --node-name N --address A [--role R] [--label K=V]...
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import sys
 
 from mesh.client import Api
 from mesh.errors import MeshError
+from mesh.lb.base import LB_CHOICES
 from mesh.runtime import exec_argv, task_env
 from mesh.spec import load_stack_file, stack_to_dict
 from mesh.state import TaskState
@@ -42,7 +45,7 @@ def cmd_up(args, api: Api) -> int:
     stack = load_stack_file(args.file)
     for warning in stack.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    started = api.ensure_daemon(args.nodes)
+    started = api.ensure_daemon(args.nodes, args.lb)
     status, data = api.call("POST", "/v1/up", {"stack": stack_to_dict(stack)})
     if status >= 300:
         if started:
@@ -162,8 +165,59 @@ def cmd_exec(args, api: Api) -> int:
 def cmd_daemon(args, api: Api) -> int:
     from mesh.daemon import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(args.host_netns, args.nodes))
+    asyncio.run(serve(args.host_netns, args.nodes, args.lb))
     return 0
+
+
+def cmd_manager(args, api: Api) -> int:
+    from mesh.manager import serve_manager
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve_manager(args.store, args.node_name, args.host_netns))
+    return 0
+
+
+def cmd_agent(args, api: Api) -> int:
+    from mesh.nodeagent import serve_agent
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve_agent(args.store, args.node_name, args.address, args.role, args.label))
+    return 0
+
+
+def _label(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return text
+
+
+def _address(text: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 address, got '{text}'") from None
+
+
+def _cluster_commands(sub, common) -> None:
+    """`mesh manager` and `mesh agent`: the daemons of a cluster that shares an etcd."""
+    import socket
+    store_help = "the cluster store, etcd://HOST:PORT[,HOST:PORT...]"
+    manager = sub.add_parser("manager", parents=[common], help="run a cluster manager daemon")
+    manager.add_argument("--store", required=True, help=store_help)
+    manager.add_argument("--node-name", default=socket.gethostname(),
+                         help="this manager's name (default: the host name)")
+    manager.set_defaults(func=cmd_manager)
+    agent = sub.add_parser("agent", parents=[common], help="run a node's agent daemon")
+    agent.add_argument("--store", required=True, help=store_help)
+    agent.add_argument("--node-name", default=socket.gethostname(),
+                       help="the node's name (node.hostname; default: the host name)")
+    agent.add_argument("--address", required=True, type=_address,
+                       help="the node's underlay address (VXLAN endpoint), reachable from the other nodes")
+    agent.add_argument("--role", choices=("manager", "worker"), default="worker",
+                       help="node.role in placement constraints")
+    agent.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
+                       help="a node label (node.labels.KEY in constraints); repeatable")
+    agent.set_defaults(func=cmd_agent)
 
 
 def _common(defaults: bool) -> argparse.ArgumentParser:
@@ -194,12 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-f", "--file", required=True)
     up.add_argument("--nodes", type=_node_count, default=0,
                     help="run a local lab of N nodes (network namespaces) instead of this host alone")
+    up.add_argument("--lb", choices=LB_CHOICES, default=os.environ.get("MESH_LB", "auto"),
+                    help="the kernel load balancer: ipvs, nftables, or auto (IPVS when the kernel "
+                         "has ip_vs); env MESH_LB")
     up.set_defaults(func=cmd_up)
     for name, func, helptext in (("down", cmd_down, "remove everything mesh made"),
                                  ("ps", cmd_ps, "list tasks")):
         sub.add_parser(name, parents=[common], help=helptext).set_defaults(func=func)
     daemon = sub.add_parser("daemon", parents=[common], help="run the daemon (mesh up starts it)")
     daemon.add_argument("--nodes", type=_node_count, default=0)
+    daemon.add_argument("--lb", choices=LB_CHOICES, default="auto")
     daemon.set_defaults(func=cmd_daemon)
     node = sub.add_parser("node", parents=[common], help="lab nodes")
     node.add_subparsers(dest="action", required=True).add_parser("ls", parents=[common])
@@ -228,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("network")
         p.add_argument("task")
     net.set_defaults(func=cmd_network)
+    _cluster_commands(sub, common)
     return parser
 
 

@@ -13,10 +13,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+from mesh.agent import restart_key
 from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
 from mesh.model import DnsOptions, Stack
+from mesh.readiness import Readiness, established_connections
 from mesh.state import DesiredState, TaskState
+
+DRAIN_TIMEOUT = 10.0         # seconds a leaving task may finish its connections (x-mesh: drain_timeout)
+DRAIN_SETTLE = 0.3           # connections already on their way when the balancers let go of it
 
 
 class Controller:
@@ -25,11 +30,27 @@ class Controller:
         self.nl = netlink
         self.host = host_netns
         self.placer = placer                 # (stack, previous) -> ClusterPlacement, or None
+        self.lb_name = "nftables"            # which load balancer the agents use (for the API)
         self.extra_routes = list(extra_routes)
         self.desired = DesiredState()
         self.stack: Stack | None = None
         self.connections: tuple[tuple[str, str], ...] = ()
         self.disconnections: tuple[tuple[str, str], ...] = ()
+        for agent in self.agents.values():
+            agent.readiness = self.readiness
+            agent.sup.on_change = self.kick
+
+    def readiness(self) -> Readiness:
+        """Who takes traffic, cluster-wide: each agent knows its own tasks."""
+        out = Readiness()
+        for agent in self.agents.values():
+            out = out.merge(agent.own_readiness())
+        return out
+
+    def kick(self) -> None:
+        """A task changed state somewhere: every node's DNS and balancers follow."""
+        for agent in self.agents.values():
+            agent.kick()
 
     def agent_of(self, task: str):
         return self.agents[self.task(task).node]
@@ -59,10 +80,46 @@ class Controller:
         cluster = self.placer(stack, self.desired) if self.placer else None
         desired = build_desired(stack, self.desired, await self._routes(), self.host,
                                 conns, disconns, cluster)
+        await self._drain(self._leaving(desired))
         await self._apply_all(desired)
         self.desired = desired
         self.stack, self.connections, self.disconnections = stack, conns, disconns
         return desired
+
+    def _leaving(self, desired: DesiredState) -> frozenset[str]:
+        """Running tasks the change stops: removed, moved to another node, or restarted."""
+        out = set()
+        for name, old in self.desired.tasks.items():
+            new = desired.tasks.get(name)
+            if new is None or new.node != old.node or restart_key(new) != restart_key(old):
+                out.add(name)
+        return frozenset(out)
+
+    async def _drain(self, leaving: frozenset[str]) -> None:
+        """Take the leaving tasks out of every balancer and DNS answer (their established
+        connections go on), then wait until they serve no connection or their drain timeout."""
+        alive = self.readiness().alive
+        leaving = frozenset(n for n in leaving if n in alive)
+        if not leaving:
+            return
+        await self._apply_all(replace(self.desired, draining=self.desired.draining | leaving))
+        await asyncio.sleep(DRAIN_SETTLE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self._drain_timeout(n) for n in leaving)
+        while loop.time() < deadline:
+            if not any(self._serving(n) for n in leaving):
+                return
+            await asyncio.sleep(0.1)
+
+    def _drain_timeout(self, task: str) -> float:
+        svc = self.desired.services.get(self.desired.tasks[task].service)
+        value = svc.extensions.get("drain_timeout") if svc else None
+        return float(value) if isinstance(value, (int, float)) else DRAIN_TIMEOUT
+
+    def _serving(self, task: str) -> bool:
+        pid = self.status(task).get("pid")
+        addresses = {e.address for e in self.desired.tasks[task].endpoints}
+        return bool(pid) and established_connections(pid, addresses) > 0
 
     def _configure_dns(self, options: DnsOptions) -> None:
         for agent in self.agents.values():
@@ -134,6 +191,12 @@ class Controller:
         conns = tuple(p for p in self.connections if p != (task_name, network))
         disconns = self.disconnections + ((task_name, network),)
         return (await self._build_and_apply(self.stack, conns, disconns)).tasks[task_name]
+
+    async def resync(self) -> None:
+        """The periodic repair: every balancer of every node rewritten from memory."""
+        for agent in self.agents.values():
+            async with agent.lock:
+                await asyncio.to_thread(agent.resync_lb)
 
     async def down(self) -> None:
         await asyncio.gather(*(a.teardown() for a in self.agents.values()))

@@ -24,6 +24,7 @@ from mesh.dnsagent import DnsAgent, HostSockets
 from mesh.etcfiles import upstream_servers
 from mesh.errors import Conflict, MeshError, NotFound
 from mesh.lab import make_lab, remove_lab
+from mesh.lb.base import make_lb, resolve_choice
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
 from mesh.paths import Paths
@@ -33,6 +34,7 @@ from mesh.views import network_list, service_list, task_view
 
 log = logging.getLogger("mesh.daemon")
 STATUS = {NotFound: 404, Conflict: 409}
+RESYNC_INTERVAL = 60.0
 
 
 @web.middleware
@@ -57,7 +59,8 @@ def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None)
 
     @routes.get("/v1/ping")
     async def ping(_):
-        return web.json_response({"host_netns": ctl.host, "pid": os.getpid(), "nodes": len(lab)})
+        return web.json_response({"host_netns": ctl.host, "pid": os.getpid(), "nodes": len(lab),
+                                  "lb": ctl.lb_name})
 
     @routes.get("/v1/nodes")
     async def nodes(_):
@@ -131,22 +134,27 @@ def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None)
     return app
 
 
-def _agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Paths) -> Agent:
-    """One node's agent with its own resolver (upstream sockets made in that node's namespace)."""
+def _agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Paths, lb: str) -> Agent:
+    """One node's agent with its own resolver (upstream sockets made in that node's namespace)
+    and its own load balancer."""
     resolver = Resolver(socket_factory=HostSockets(host))
     dns = DnsAgent(host, resolver, nft, upstream_servers(host_resolv(host)), node=node)
-    return Agent(host, nl, nft, Supervisor(paths.logs, host), dns, node=node)
+    return Agent(host, nl, nft, Supervisor(paths.logs, host), dns, node=node, lb=make_lb(lb, nft))
 
 
-def compose(host_netns: str | None, nodes: int, paths: Paths):
+def compose(host_netns: str | None, nodes: int, paths: Paths, lb: str = "auto"):
     """(controller, lab nodes, cleanup) — one agent on the host, or a lab of `nodes` nodes."""
     nl, nft = Netlink(), NftCli()
+    lb = resolve_choice(lb)
     if not nodes:
-        return Controller([_agent(host_netns, "", nl, nft, paths)], nl, host_netns), [], lambda: None
+        ctl = Controller([_agent(host_netns, "", nl, nft, paths, lb)], nl, host_netns)
+        ctl.lb_name = lb
+        return ctl, [], lambda: None
     made_host = bool(host_netns) and not nl.netns_exists(host_netns)
     lab = make_lab(host_netns, nodes, nl)
-    agents = [_agent(n.netns, n.name, nl, nft, paths) for n in lab]
+    agents = [_agent(n.netns, n.name, nl, nft, paths, lb) for n in lab]
     ctl = Controller(agents, nl, host_netns, placer=lab_placer(lab), extra_routes=[UNDERLAY_NET])
+    ctl.lb_name = lb
 
     def remove() -> None:
         remove_lab(host_netns, lab, nl)
@@ -155,10 +163,21 @@ def compose(host_netns: str | None, nodes: int, paths: Paths):
     return ctl, lab, remove
 
 
-async def serve(host_netns: str | None, nodes: int = 0) -> None:
+async def resync_forever(ctl: Controller, every: float = RESYNC_INTERVAL) -> None:
+    """The balancers' periodic full resync (repairs anything changed behind mesh's back)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await ctl.resync()
+        except Exception:
+            log.exception("periodic load-balancer resync failed")
+
+
+async def serve(host_netns: str | None, nodes: int = 0, lb: str = "auto") -> None:
     paths = Paths.for_host(host_netns)
     os.makedirs(paths.root, exist_ok=True)
-    ctl, lab, remove = await asyncio.to_thread(compose, host_netns, nodes, paths)
+    ctl, lab, remove = await asyncio.to_thread(compose, host_netns, nodes, paths, lb)
+    resyncer = asyncio.create_task(resync_forever(ctl))
     stop = asyncio.Event()
 
     def on_signal(sig: int) -> None:
@@ -180,6 +199,7 @@ async def serve(host_netns: str | None, nodes: int = 0) -> None:
         await stop.wait()
         await asyncio.sleep(0.05)      # let the response to /v1/down go out
     finally:
+        resyncer.cancel()
         await ctl.down()
         for agent in ctl.agents.values():
             await agent.dns.resolver.close()

@@ -4,7 +4,8 @@ and leak checks are exact (DESIGN.md §3).
 - network namespaces: `mesh-<task>` when the host is the root namespace, `<host>-<task>` when the
   host namespace is itself named `mesh-…`, else `mesh-<host>-<task>`;
 - links (15 characters at most): `mhb` + 12 hex for a bridge, `mhv` + 12 hex for a veth host side,
-  `mhm` + 12 hex for a macvlan before it moves into its sandbox.
+  `mhm` + 12 hex for a macvlan before it moves into its sandbox, `mhg` + 12 hex for the node side
+  of a node's link to its ingress namespace.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def bridge_link(host_netns: str | None, network: str) -> str:
 
 def veth_link(sandbox: str, network: str) -> str:
     return "mhv" + _digest(sandbox, network)
+
+
+def uplink_link(sandbox: str) -> str:
+    """The node side of the veth pair between a node and its ingress namespace."""
+    return "mhg" + _digest(sandbox)
 
 
 def macvlan_link(sandbox: str, network: str) -> str:

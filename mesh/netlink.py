@@ -103,12 +103,13 @@ class Netlink:
                     out.append(ip_network(f"{dst}/{route['dst_len']}", strict=False))
         return out
 
-    def add_bridge(self, netns: str | None, ifname: str, address: str, prefixlen: int) -> None:
+    def add_bridge(self, netns: str | None, ifname: str, address: str | None, prefixlen: int) -> None:
+        """A bridge, up, with `address` (None: no address, as the ingress network's bridges)."""
         with _ipr(netns) as ipr:
             if _index(ipr, ifname) is None:
                 ipr.link("add", ifname=ifname, kind="bridge")
             index = _index(ipr, ifname)
-            if not ipr.get_addr(index=index, address=address):
+            if address and not ipr.get_addr(index=index, address=address):
                 ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
         self.sysctl(netns, f"net.ipv4.conf.{ifname}.route_localnet", "1")
@@ -150,6 +151,35 @@ class Netlink:
             ipr.link("set", index=index, master=_index(ipr, bridge), state="up")
             ipr.brport("set", index=index, mode=1)   # IFLA_BRPORT_MODE: hairpin
         self._configure(sandbox, ifname, address, prefixlen, gateway, mtu)
+
+    def add_uplink(self, host: str | None, host_if: str, host_address: str, sandbox: str,
+                   ifname: str, address: str, prefixlen: int) -> None:
+        """A routed veth pair between `host` and `sandbox`, addressed on both ends; the sandbox's
+        default route goes through the host's end."""
+        with _ipr(host) as ipr:
+            if _index(ipr, host_if) is None:
+                ipr.link("add", ifname=host_if, kind="veth",
+                         peer={"ifname": ifname, "net_ns_fd": ns.path(sandbox)})
+            index = _index(ipr, host_if)
+            if not ipr.get_addr(index=index, address=host_address):
+                ipr.addr("add", index=index, address=host_address, prefixlen=prefixlen)
+            ipr.link("set", index=index, state="up")
+        self.sysctl(host, f"net.ipv4.conf.{host_if}.route_localnet", "1")
+        self._configure(sandbox, ifname, address, prefixlen, host_address)
+
+    def set_policy_routes(self, netns: str, ifname: str, routes: tuple[tuple[int, int, str], ...],
+                          old: tuple[tuple[int, int, str], ...] = ()) -> None:
+        """For each (fwmark, table, gateway): `ip rule fwmark M lookup T` and, in T, a default
+        route via `gateway` on `ifname`; entries of `old` not in `routes` are removed."""
+        with _ipr(netns) as ipr:
+            index = _index(ipr, ifname)
+            for mark, table, gateway in set(old) - set(routes):
+                _quiet(ipr.rule, "del", fwmark=mark, table=table, priority=1000 + table)
+                _quiet(ipr.route, "del", dst="0.0.0.0/0", table=table)
+            for mark, table, gateway in routes:
+                if index is not None:
+                    ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, table=table)
+                _quiet(ipr.rule, "add", fwmark=mark, table=table, priority=1000 + table)
 
     def add_macvlan_endpoint(self, host: str | None, parent: str, tmp_if: str, sandbox: str,
                              ifname: str, address: str, prefixlen: int, gateway: str | None) -> None:

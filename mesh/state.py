@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.model import Service
+from mesh.model import Healthcheck, Service
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class NetworkState:
     vlan: int | None = None          # set when mesh creates `parent` as a VLAN sub-interface
     vni: int | None = None           # overlay networks: the VXLAN network identifier
     mtu: int | None = None           # overlay networks: underlay MTU - 50
+    ingress: bool = False            # the cluster's routing-mesh network: no names, no VIPs
 
     @property
     def bridged(self) -> bool:
@@ -63,6 +64,7 @@ class TaskState:
     hosts: tuple[tuple[str, str], ...] = ()      # extra /etc/hosts lines: (address, names)
     embedded_dns: bool = False       # on a user-defined network: served by the embedded resolver
     node: str = ""                   # the node it runs on ("" on a single host)
+    healthcheck: Healthcheck | None = None       # the service's; probed while the task runs
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,27 @@ class Publication:
     host_ip: str | None
     backends: tuple[str, ...]
     key: str                         # stable identity for re-allocation: "service/index"
+    mode: str = "ingress"            # "ingress": every node answers (in a cluster, through its
+    #                                  ingress namespace); "host": only nodes running a task
+
+
+@dataclass(frozen=True)
+class IngressState:
+    """One node's ingress namespace: on the `ingress` overlay, joined to the node by a veth pair.
+    The node DNATs an ingress-mode published port to `local`; the namespace balances it to the
+    service's tasks over the ingress network (mesh.lb.plan)."""
+    node: str
+    sandbox: str                     # the namespace
+    address: str                     # its address on the ingress network
+    prefixlen: int
+    link: str                        # veth host side on the node's ingress bridge
+    uplink: str                      # veth node side of the node <-> ingress namespace pair
+
+
+INGRESS_NETWORK = "ingress"
+INGRESS_UPLINK_NODE = "169.254.97.1"     # the node's end of the node <-> ingress namespace pair
+INGRESS_LOCAL = "169.254.97.2"           # the ingress namespace's end: published ports go here
+INGRESS_UPLINK_PREFIX = 30
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,8 @@ class DesiredState:
     services: dict[str, Service] = field(default_factory=dict)   # the stack's, for DNS and LB
     underlay: dict[str, str] = field(default_factory=dict)       # cluster: node -> underlay address
     pending: tuple[tuple[str, str, str], ...] = ()               # cluster: (service, task, reason)
+    ingress: dict[str, IngressState] = field(default_factory=dict)  # cluster: node -> its ingress
+    draining: frozenset[str] = frozenset()   # tasks leaving: out of the balancers and DNS, still running
 
     def on_node(self, node: str) -> dict[str, TaskState]:
         """The tasks one node's agent runs ("" = a single host runs them all)."""

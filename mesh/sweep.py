@@ -16,7 +16,8 @@ from mesh.nft import NftCli
 from mesh.paths import Paths
 from mesh.runtime import kill_leftovers
 
-OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl")   # bridges, veths, macvlans, vxlans, lab links
+OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvlans, vxlans, lab
+#                                                          links, ingress uplinks
 
 
 def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
