@@ -2,8 +2,15 @@
 
     sup = Supervisor(log_dir, host_netns)
     await sup.start(task)        # runs it, restarts it per `restart:`, output to <log_dir>/<task>.log
-    sup.status("web.1")          # {"state": "running", "pid": ..., "exit_code": ..., "restarts": ...}
+    sup.status("web.1")          # {"state": "running", "pid": ..., "exit_code": ..., "restarts": ...,
+                                 #  "health": "none" | "starting" | "healthy" | "unhealthy", ...}
+    sup.healthy("web.1")         # may take traffic: running, and healthy if it has a healthcheck
     await sup.stop("web.1")      # SIGTERM to its process group, SIGKILL after a grace period
+
+A task with a `healthcheck` is probed (mesh.health) while its process runs, in its namespaces as
+`mesh exec` runs commands; every health transition calls on_change(). The check is the one the task
+had when its process started. An unhealthy task is not restarted: Swarm replaces it, which is the
+orchestrator's decision, not the supervisor's.
 
 A process sees its sandbox's own /etc/hosts and /etc/resolv.conf because it starts through
 `ip netns exec` (the /etc/netns/<sandbox>/ convention) and gets its own UTS namespace (hostname).
@@ -16,6 +23,8 @@ import signal
 import time
 from dataclasses import dataclass
 
+from mesh import health as hc
+from mesh.model import Healthcheck
 from mesh.nft import in_netns
 from mesh.state import TaskState
 
@@ -61,6 +70,8 @@ class Run:
     stopping: bool = False
     runner: asyncio.Task | None = None
     proc: asyncio.subprocess.Process | None = None
+    health: hc.Health | None = None          # set while a process with a healthcheck has run
+    prober: asyncio.Task | None = None       # the probe loop of the running process
 
 
 class Supervisor:
@@ -92,6 +103,7 @@ class Supervisor:
             if not started.done():
                 started.set_result(None)
             run.exit_code = await run.proc.wait()
+            await self._stop_health(run)
             run.pid = None
             _unlink(self.pid_path(run.task.name))
             if not should_restart(run.task.restart, run.exit_code, run.stopping):
@@ -111,16 +123,40 @@ class Supervisor:
                 cwd=run.task.workdir if os.path.isdir(run.task.workdir or "") else "/",
                 start_new_session=True)
         run.pid, run.state, run.started_at = run.proc.pid, "running", time.time()
+        self._start_health(run)
         if run.restarts:
             self.on_change()
         with open(self.pid_path(run.task.name), "w") as f:
             f.write(f"{run.pid} {start_time(run.pid)}\n")
+
+    def _start_health(self, run: Run) -> None:
+        check, pid = run.task.healthcheck, run.pid
+        if check is None:
+            run.health = None
+            return
+        run.health = hc.Health(check, started_at=run.started_at)
+
+        def argv_of(c: Healthcheck) -> list[str]:
+            return exec_argv(run.task, self.host_netns, pid, list(c.test))
+        run.prober = asyncio.create_task(hc.watch(
+            run.health, argv_of, on_change=lambda: self.on_change(), env=task_env(run.task),
+            cwd=run.task.workdir if os.path.isdir(run.task.workdir or "") else "/"))
+
+    async def _stop_health(self, run: Run) -> None:
+        """End the probe loop (its probe, if one runs, is killed); an exited task is unhealthy."""
+        prober, run.prober = run.prober, None
+        if prober is not None:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
+        if run.health is not None:
+            run.health.stopped()
 
     async def stop(self, name: str, grace: float = STOP_GRACE) -> None:
         run = self.runs.pop(name, None)
         if run is None:
             return
         run.stopping = True
+        await self._stop_health(run)
         if run.pid:
             _signal_group(run.pid, signal.SIGTERM)
             try:
@@ -137,9 +173,21 @@ class Supervisor:
     def status(self, name: str) -> dict:
         run = self.runs.get(name)
         if run is None:
-            return {"state": "stopped", "pid": None, "exit_code": None, "restarts": 0}
+            return {"state": "stopped", "pid": None, "exit_code": None, "restarts": 0, **hc.NO_HEALTH}
         return {"state": run.state, "pid": run.pid, "exit_code": run.exit_code,
-                "restarts": run.restarts, "started_at": run.started_at}
+                "restarts": run.restarts, "started_at": run.started_at, **self._health(run)}
+
+    @staticmethod
+    def _health(run: Run) -> dict:
+        """The checks of the process as it was started (a changed healthcheck applies at the next
+        start); an exited or restarting process is unhealthy."""
+        return run.health.view() if run.health is not None else dict(hc.NO_HEALTH)
+
+    def healthy(self, name: str) -> bool:
+        """May take traffic: running, and healthy when it has a healthcheck."""
+        run = self.runs.get(name)
+        return run is not None and run.state == "running" and \
+            self._health(run)["health"] in (hc.NONE, hc.HEALTHY)
 
 
 def start_time(pid: int) -> str:

@@ -16,14 +16,25 @@ def task_view(task: TaskState, status: dict, desired: DesiredState) -> dict:
         "name": task.name, "id": task.id, "service": task.service, "slot": task.slot,
         "node": task.node or None,
         "state": status["state"], "pid": status["pid"], "exit_code": status["exit_code"],
-        "restarts": status["restarts"], "network_mode": task.netmode, "sandbox": task.sandbox,
+        "restarts": status["restarts"], "health": status.get("health", "none"),
+        "health_failing_streak": status.get("health_failing_streak", 0),
+        "health_log": status.get("health_log", []),
+        "network_mode": task.netmode, "sandbox": task.sandbox,
         "hostname": task.hostname, "ports": ports,
         "networks": {e.network: {"ifname": e.ifname, "address": e.address,
                                  "prefixlen": e.prefixlen, "aliases": list(e.aliases),
                                  "gateway": e.default_gateway} for e in task.endpoints},
         "environment": dict(task.environment), "command": list(task.command),
         "restart": task.restart, "workdir": task.workdir,
+        "healthcheck": _healthcheck_view(task),
     }
+
+
+def _healthcheck_view(task: TaskState) -> dict | None:
+    check = task.healthcheck
+    return None if check is None else {
+        "test": list(check.test), "interval": check.interval, "timeout": check.timeout,
+        "retries": check.retries, "start_period": check.start_period}
 
 
 def network_view(net: NetworkState, desired: DesiredState) -> dict:
@@ -47,7 +58,8 @@ def service_list(desired: DesiredState, status) -> list[dict]:
     out = []
     for name, svc in desired.services.items():
         tasks = [t for t in desired.tasks.values() if t.service == name]
-        states = {t.name: status(t.name)["state"] for t in tasks}
+        statuses = {t.name: status(t.name) for t in tasks}
+        states = {n: s["state"] for n, s in statuses.items()}
         pending = [{"name": task, "reason": reason} for s, task, reason in desired.pending if s == name]
         out.append({
             "name": name, "mode": svc.mode,
@@ -57,6 +69,7 @@ def service_list(desired: DesiredState, status) -> list[dict]:
                              for p in desired.publications if p.service == name}),
             "vips": {n: a for s, n, a in desired.vips if s == name},
             "tasks": [{"name": t.name, "node": t.node or None, "state": states[t.name],
+                       "health": statuses[t.name].get("health", "none"),
                        "addresses": {e.network: e.address for e in t.endpoints}} for t in tasks],
             "pending": pending,
         })
