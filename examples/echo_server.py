@@ -1,9 +1,12 @@
-"""A tiny server for the examples and the tests: `python3 echo_server.py PORT [tcp|udp]`.
+"""A tiny server for the examples and the tests: `python3 echo_server.py PORT [tcp|udp|lines]`.
 
 TCP: answers every HTTP request with `host=<hostname> client=<peer address>`.
-UDP: answers every datagram with the same line. Runs until killed.
+UDP: answers every datagram with the same line.
+lines: a long-lived TCP connection; every line received is answered with that line too.
+Runs until killed.
 """
 import socket
+import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -28,9 +31,18 @@ def serve_udp(port: int) -> None:
         sock.sendto(f"host={socket.gethostname()} client={peer[0]}\n".encode(), peer)
 
 
+class LineHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        for _ in self.rfile:
+            self.wfile.write(f"host={socket.gethostname()} client={self.client_address[0]}\n".encode())
+
+
 if __name__ == "__main__":
     port = int(sys.argv[1])
     if len(sys.argv) > 2 and sys.argv[2] == "udp":
         serve_udp(port)
+    elif len(sys.argv) > 2 and sys.argv[2] == "lines":
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        socketserver.ThreadingTCPServer(("0.0.0.0", port), LineHandler).serve_forever()
     else:
         ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()

@@ -10,7 +10,6 @@ import contextlib
 import socket
 
 from pyroute2 import Conntrack
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from mesh import netns as ns
 from mesh.lb.model import Table
@@ -25,21 +24,24 @@ def removed_udp_backends(old: Table, new: Table) -> set[str]:
 
 
 def flush_udp_to(netns: str | None, addresses) -> int:
+    """Delete the UDP entries whose reply comes from one of `addresses` (worker thread: it stays
+    in the namespace meanwhile; pyroute2 binds its socket at first use)."""
     if not addresses:
         return 0
+    wanted = set(addresses)
+    deleted = 0
     with ns.entered(netns) if netns else contextlib.nullcontext():
         ct = Conntrack()
-    deleted = 0
-    try:
-        for address in addresses:
-            wanted = NFCTAttrTuple(proto=socket.IPPROTO_UDP, saddr=address)
-            for entry in list(ct.dump_entries(tuple_reply=wanted)):
+        try:
+            for entry in list(ct.dump_entries()):
+                reply = entry.tuple_reply
+                if reply.proto != socket.IPPROTO_UDP or reply.saddr not in wanted:
+                    continue
                 try:
                     ct.delete(entry)
                     deleted += 1
                 except Exception:
                     pass          # it expired meanwhile
-    finally:
-        ct.close()
+        finally:
+            ct.close()
     return deleted
-

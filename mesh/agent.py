@@ -35,7 +35,8 @@ ETC_NETNS = "/etc/netns"
 
 def restart_key(t: TaskState) -> tuple:
     """What, when it changes, restarts a task's process."""
-    return (t.command, t.environment, t.hostname, t.restart, t.sandbox, t.netmode, t.workdir)
+    return (t.command, t.environment, t.hostname, t.restart, t.sandbox, t.netmode, t.workdir,
+            t.healthcheck)
 
 
 def host_resolv(host_netns: str | None) -> str:
@@ -123,7 +124,7 @@ class Agent:
 
     def _relisten(self) -> None:
         self.relisten = None
-        self.kick()
+        self.sup.on_change()     # as a task state change: in a lab, every node's agent resyncs
 
     def kick(self) -> None:
         """A task changed state: resync soon; a burst of changes coalesces, none is lost."""

@@ -31,10 +31,11 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _print_tasks(tasks: list[dict]) -> None:
-    rows = [[t["name"], t["node"] or "-", t["state"], t["pid"] or "-", t["network_mode"],
+    rows = [[t["name"], t["node"] or "-", t["state"], t.get("health", "none"), t["pid"] or "-",
+             t["network_mode"],
              ",".join(f"{n}={v['address']}" for n, v in t["networks"].items()) or "-",
              ",".join(t["ports"]) or "-"] for t in tasks]
-    print(_table(rows, ["TASK", "NODE", "STATE", "PID", "MODE", "ADDRESSES", "PORTS"]))
+    print(_table(rows, ["TASK", "NODE", "STATE", "HEALTH", "PID", "MODE", "ADDRESSES", "PORTS"]))
 
 
 def _emit(args, data, printer) -> None:
@@ -104,10 +105,10 @@ def _print_services(services: list[dict]) -> None:
 
 
 def _print_service_tasks(service: dict) -> None:
-    rows = [[t["name"], t["node"] or "-", t["state"],
+    rows = [[t["name"], t["node"] or "-", t["state"], t.get("health", "none"),
              ",".join(f"{n}={a}" for n, a in t["addresses"].items()) or "-", ""] for t in service["tasks"]]
-    rows += [[p["name"], "-", "pending", "-", p["reason"]] for p in service["pending"]]
-    print(_table(rows, ["TASK", "NODE", "STATE", "ADDRESSES", "WHY PENDING"]))
+    rows += [[p["name"], "-", "pending", "-", "-", p["reason"]] for p in service["pending"]]
+    print(_table(rows, ["TASK", "NODE", "STATE", "HEALTH", "ADDRESSES", "WHY PENDING"]))
 
 
 def cmd_service(args, api: Api) -> int:

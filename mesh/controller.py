@@ -21,6 +21,7 @@ from mesh.readiness import Readiness, established_connections
 from mesh.state import DesiredState, TaskState
 
 DRAIN_TIMEOUT = 10.0         # seconds a leaving task may finish its connections (x-mesh: drain_timeout)
+READY_TIMEOUT = 30.0         # a rolling restart goes on after this even if the task is not ready
 DRAIN_SETTLE = 0.3           # connections already on their way when the balancers let go of it
 
 
@@ -75,16 +76,50 @@ class Controller:
                 await asyncio.gather(*(a.apply(self.desired) for a in self.agents.values()),
                                      return_exceptions=True)
             raise failed[0]
+        if len(self.agents) > 1:
+            self.kick()          # each agent synced with the others' tasks as they were mid-change
 
     async def _build_and_apply(self, stack: Stack, conns, disconns) -> DesiredState:
         cluster = self.placer(stack, self.desired) if self.placer else None
         desired = build_desired(stack, self.desired, await self._routes(), self.host,
                                 conns, disconns, cluster)
+        rolling = self._rolling(desired)
+        if rolling:
+            # one task at a time, as Swarm's update_config (parallelism 1, stop-first): the others
+            # keep serving while each is drained, restarted and back in the balancers
+            first = replace(desired, tasks={n: self.desired.tasks[n] if n in rolling else t
+                                            for n, t in desired.tasks.items()})
+            await self._drain(self._leaving(first))
+            await self._apply_all(first)
+            self.desired = first
+            for name in rolling:
+                step = replace(self.desired, tasks={**self.desired.tasks, name: desired.tasks[name]})
+                await self._drain(frozenset([name]))
+                await self._apply_all(step)
+                self.desired = step
+                await self._until_ready(name)
         await self._drain(self._leaving(desired))
         await self._apply_all(desired)
         self.desired = desired
         self.stack, self.connections, self.disconnections = stack, conns, disconns
         return desired
+
+    def _rolling(self, desired: DesiredState) -> list[str]:
+        """Tasks restarted in place (same node, new definition), when the change leaves the
+        networks as they were (otherwise the change applies at once)."""
+        if desired.networks != self.desired.networks:
+            return []
+        return [n for n, old in self.desired.tasks.items()
+                if n in desired.tasks and desired.tasks[n].node == old.node
+                and restart_key(desired.tasks[n]) != restart_key(old)]
+
+    async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and not self.readiness().takes(task):
+            if self.status(task).get("state") == "exited":
+                return           # it will not become ready; the change goes on (mesh ps shows it)
+            await asyncio.sleep(0.05)
 
     def _leaving(self, desired: DesiredState) -> frozenset[str]:
         """Running tasks the change stops: removed, moved to another node, or restarted."""

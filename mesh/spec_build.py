@@ -148,7 +148,23 @@ class Builder:
             mode=deploy.mode or "replicated", endpoint_mode=deploy.endpoint_mode or "vip",
             placement=self.placement(deploy.placement, f"{path}.deploy.placement"),
             healthcheck=self.healthcheck(spec.healthcheck, f"{path}.healthcheck"),
-            extensions=_json_safe(spec.x_mesh or {}), dns=self.dns(spec.dns, f"{path}.dns"))
+            extensions=self.service_extensions(spec.x_mesh or {}, f"{path}.x-mesh"),
+            dns=self.dns(spec.dns, f"{path}.dns"))
+
+    def service_extensions(self, x_mesh: dict, path: str) -> dict:
+        """A service's `x-mesh`: the keys mesh reads are checked; other keys are kept as they are."""
+        out = _json_safe(x_mesh)
+        affinity = out.get("affinity")
+        if affinity is not None and affinity not in ("client-ip", "none"):
+            self.error(f"{path}.affinity", f"expected client-ip or none, got {affinity!r}")
+        keep = out.get("preserve_client_ip")
+        if keep is not None and not isinstance(keep, bool):
+            self.error(f"{path}.preserve_client_ip", f"expected true or false, got {keep!r}")
+        drain = out.get("drain_timeout")
+        if drain is not None and (isinstance(drain, bool) or not isinstance(drain, (int, float))
+                                  or drain < 0):
+            self.error(f"{path}.drain_timeout", f"expected seconds (a number, 0 or more), got {drain!r}")
+        return out
 
     def check_deploy(self, path: str, spec: ServiceSpec, deploy: DeploySpec) -> None:
         replicas = deploy.replicas if deploy.replicas is not None else 1

@@ -60,8 +60,11 @@ class Lab:
         self.etc.mkdir(parents=True, exist_ok=True)
         (self.etc / "resolv.conf").write_text("search lab.test\n")
 
+    def mesh_argv(self) -> list[str]:
+        return [sys.executable, "-m", "mesh", "--host-netns", self.host]
+
     def mesh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "mesh", "--host-netns", self.host, *args],
+        proc = subprocess.run([*self.mesh_argv(), *args],
                               capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"mesh {' '.join(args)} exited {proc.returncode}:\n"

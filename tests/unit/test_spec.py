@@ -470,6 +470,11 @@ INVALID = [
     ("services: {web: {command: 5}}", "services.web.command", "string or a list of strings"),
     ("services: {web: {command: \"echo 'unclosed\"}}", "services.web.command", "cannot split"),
     ("services: {web: {x-mesh: 5}}", "services.web.x-mesh", "expected a mapping"),
+    ("services: {web: {x-mesh: {affinity: source}}}", "services.web.x-mesh.affinity", "client-ip"),
+    ("services: {web: {x-mesh: {preserve_client_ip: maybe}}}", "services.web.x-mesh.preserve_client_ip",
+     "true or false"),
+    ("services: {web: {x-mesh: {drain_timeout: -1}}}", "services.web.x-mesh.drain_timeout", "seconds"),
+    ("services: {web: {x-mesh: {drain_timeout: soon}}}", "services.web.x-mesh.drain_timeout", "seconds"),
     # top-level networks
     ("services: {web: {}}\nnetworks: {front: {driver: weave}}", "networks.front.driver",
      "bridge, macvlan, overlay"),

@@ -1,0 +1,270 @@
+"""The routing mesh and service VIPs on a 3-node lab, with the nftables load balancer (this kernel
+has no ip_vs; tests/kernel/test_lb_backends.py runs both backends, the IPVS one inside the VM).
+
+Clients are real: curl and Python sockets in the test's host namespace (which reaches every node's
+underlay address) and inside tasks (`mesh exec`)."""
+import json
+import socket
+import subprocess
+import time
+
+from labkit import ROOT, SYSTEM_PYTHON, curl, no_connect, sh
+
+MESH = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["8080:80"]
+  hosted:
+    command: "@ECHO@ 81"
+    deploy: {placement: {constraints: ["node.hostname==n3"]}}
+    ports: [{target: 81, published: 8081, mode: host}]
+  masq:
+    command: "@ECHO@ 82"
+    deploy: {placement: {constraints: ["node.hostname==n2"]}}
+    ports: ["8082:82"]
+    x-mesh: {preserve_client_ip: false}
+  sticky:
+    command: "@ECHO@ 83"
+    deploy: {replicas: 3}
+    ports: ["8083:83"]
+    x-mesh: {affinity: client-ip}
+  dgram:
+    command: "@ECHO@ 90 udp"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["9090:90/udp"]
+  client:
+    command: sleep 300
+    deploy: {mode: global}
+"""
+HOST_ADDRESS = "10.97.0.254"      # the test's host namespace on the lab's underlay
+
+
+def up(lab, text: str, *extra: str):
+    path = lab.tmp / f"stack-{time.monotonic_ns()}.yaml"
+    path.write_text(text.replace("@ECHO@", lab.echo))
+    return lab.mesh("up", "-f", str(path), "--nodes", "3", *extra)
+
+
+def nodes(lab) -> dict[str, str]:
+    return {n["name"]: n["address"] for n in lab.json("node", "ls")}
+
+
+def hostnames(lab, service: str) -> set[str]:
+    return {t["hostname"] for t in lab.json("ps") if t["service"] == service}
+
+
+def answers(url: str, netns: str, count: int) -> list[str]:
+    out = []
+    for _ in range(count):
+        body = curl(url, netns)
+        assert body.startswith("host="), body
+        out.append(body.strip())
+    return out
+
+
+def udp_ask(netns: str, address: str, port: int, source_port: int = 0) -> str:
+    code = ("import socket;s=socket.socket(2,2);s.settimeout(2);"
+            f"s.bind(('0.0.0.0',{source_port}));s.sendto(b'x',('{address}',{port}));"
+            "print(s.recv(100).decode())")
+    for _ in range(20):
+        proc = sh([SYSTEM_PYTHON, "-c", code], netns, check=False)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+        time.sleep(0.2)
+    raise AssertionError(f"no UDP answer from {address}:{port}: {proc.stderr}")
+
+
+def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
+    up(lab, MESH)
+    addr = nodes(lab)
+    web_hosts = hostnames(lab, "web")
+    # ingress: every node answers, n2 and n3 have no replica; spread over both; client kept
+    for node in ("n1", "n2", "n3"):
+        got = answers(f"http://{addr[node]}:8080/", lab.host, 12)
+        assert {a.split()[0][5:] for a in got} == web_hosts, (node, got)
+        assert all(a.endswith(f"client={HOST_ADDRESS}") for a in got), got
+    # a VIP from a task on every node, balanced over the tasks on n1
+    for node in ("n1", "n2", "n3"):
+        out = lab.exec(f"client.{node}", "sh", "-c",
+                       "getent hosts web; for i in 1 2 3 4 5 6 7 8 9 10; do "
+                       "curl -sS --max-time 2 http://web/; done").stdout.split("\n")
+        vip = out[0].split()[0]
+        assert vip not in {t["networks"]["default"]["address"] for t in lab.json("ps")}
+        seen = {line.split()[0][5:] for line in out[1:] if line.startswith("host=")}
+        assert seen == web_hosts, (node, out)
+        client_ip = lab.task(f"client.{node}")["networks"]["default"]["address"]
+        assert all(line.endswith(f"client={client_ip}") for line in out[1:] if line), out
+    # host mode: only n3 (its replica) listens; the task sees the client's address
+    assert curl(f"http://{addr['n3']}:8081/", lab.host).strip().endswith(f"client={HOST_ADDRESS}")
+    assert no_connect(f"http://{addr['n1']}:8081/", lab.host)
+    assert no_connect(f"http://{addr['n2']}:8081/", lab.host)
+    # preserve_client_ip: false -> the task sees the ingress namespace's address instead
+    masq = curl(f"http://{addr['n1']}:8082/", lab.host).strip()
+    assert masq.startswith("host=") and not masq.endswith(f"client={HOST_ADDRESS}"), masq
+    # affinity: one client address always reaches the same task (3 replicas, one per node)
+    assert len({a.split()[0] for a in answers(f"http://{addr['n2']}:8083/", lab.host, 10)}) == 1
+    # UDP through the routing mesh, from a node with no replica, spread by source port
+    seen = {udp_ask(lab.host, addr["n3"], 9090).split()[0] for _ in range(12)}
+    assert {s[5:] for s in seen} == hostnames(lab, "dgram")
+    # ports are released with their service: a new service claims 8080
+    up(lab, MESH.replace("  web:\n", "  other:\n"))
+    assert not hostnames(lab, "web")
+    other = hostnames(lab, "other")
+    assert {a.split()[0][5:] for a in answers(f"http://{addr['n3']}:8080/", lab.host, 4)} == other
+
+
+def loop(lab, url: str):
+    stop, out = lab.tmp / "stop", lab.tmp / "loop.json"
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.host, SYSTEM_PYTHON,
+                             str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
+    return proc, stop, out
+
+
+def finish(proc, stop, out) -> dict:
+    stop.touch()
+    proc.wait(30)
+    return json.loads(out.read_text())
+
+
+ROLLING = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["8080:80"]
+    environment: {GENERATION: "@GEN@"}
+"""
+
+
+def test_no_failed_request_during_scale_up_down_and_replacement(lab):
+    up(lab, ROLLING.replace("@GEN@", "1"))
+    addr = nodes(lab)
+    assert curl(f"http://{addr['n2']}:8080/", lab.host).startswith("host=")
+    proc, stop, out = loop(lab, f"http://{addr['n2']}:8080/")
+    try:
+        time.sleep(0.5)
+        lab.mesh("service", "scale", "web=5")
+        time.sleep(0.5)
+        lab.mesh("service", "scale", "web=1")
+        time.sleep(0.5)
+        up(lab, ROLLING.replace("@GEN@", "2").replace("replicas: 2", "replicas: 3"))
+        time.sleep(0.5)
+        up(lab, ROLLING.replace("@GEN@", "3").replace("replicas: 2", "replicas: 3"))  # replaces all
+        time.sleep(0.5)
+    finally:
+        result = finish(proc, stop, out)
+    assert result["failed"] == 0, result
+    assert result["ok"] > 20, result
+    assert len(result["hosts"]) >= 3, result      # replicas came and went while it ran
+
+
+HEALTH = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["8080:80"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -f @DIR@/healthy-$$(hostname)"]
+      interval: 200ms
+      timeout: 1s
+      retries: 1
+  lines:
+    command: "@ECHO@ 85 lines"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["8085:85"]
+    x-mesh: {drain_timeout: 60}
+"""
+
+
+def wait_for(predicate, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_health_gates_the_balancer_and_a_leaving_task_is_drained(lab):
+    up(lab, HEALTH.replace("@DIR@", str(lab.tmp)))
+    addr = nodes(lab)
+    url = f"http://{addr['n2']}:8080/"
+    web = {t["name"]: t["hostname"] for t in lab.json("ps") if t["service"] == "web"}
+    # nobody healthy: nobody takes connections (refused at once by the balancer)
+    assert no_connect(url, lab.host)
+    (lab.tmp / f"healthy-{web['web.1']}").touch()
+    wait_for(lambda: curl(url, lab.host).startswith("host="), "web.1 healthy")
+    assert {a.split()[0][5:] for a in answers(url, lab.host, 8)} == {web["web.1"]}
+    (lab.tmp / f"healthy-{web['web.2']}").touch()
+    wait_for(lambda: len({a.split()[0] for a in answers(url, lab.host, 8)}) == 2, "both healthy")
+    (lab.tmp / f"healthy-{web['web.1']}").unlink()        # web.1 turns unhealthy: it leaves
+    wait_for(lambda: {a.split()[0][5:] for a in answers(url, lab.host, 8)} == {web["web.2"]},
+             "web.1 out of the balancer")
+
+    # draining: a long-lived connection to lines.2 keeps working while `scale lines=1` waits
+    lines = {t["name"]: t["hostname"] for t in lab.json("ps") if t["service"] == "lines"}
+    code = (f"import socket,sys,time\n"
+            f"while True:\n"
+            f" s=socket.create_connection(('{addr['n3']}',8085),timeout=5);f=s.makefile('rw')\n"
+            f" f.write('hi\\n');f.flush();line=f.readline()\n"
+            f" if '{lines['lines.2']}' in line: break\n"
+            f" s.close()\n"
+            f"print('connected', flush=True)\n"
+            f"for l in sys.stdin:\n"
+            f" f.write('again\\n');f.flush();print(f.readline().strip(), flush=True)\n")
+    held = subprocess.Popen(["ip", "netns", "exec", lab.host, SYSTEM_PYTHON, "-c", code],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "connected"
+        scale = subprocess.Popen([*lab.mesh_argv(), "service", "scale", "lines=1"], env=lab.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert scale.poll() is None, "the scale-down did not wait for the open connection"
+        held.stdin.write("x\n")
+        held.stdin.flush()
+        assert lines["lines.2"] in held.stdout.readline()     # the established one goes on
+        new = {a.split()[0][5:] for a in answers_tcp(addr["n2"], 8085, lab.host, 6)}
+        assert new == {lines["lines.1"]}                      # new ones go elsewhere
+        held.stdin.close()                                    # the client finishes
+        held.wait(10)
+        assert scale.wait(30) == 0, scale.stderr.read()
+    finally:
+        held.kill()
+        held.wait()
+    assert [t["name"] for t in lab.json("ps") if t["service"] == "lines"] == ["lines.1"]
+
+
+def answers_tcp(address: str, port: int, netns: str, count: int) -> list[str]:
+    code = (f"import socket\nfor _ in range({count}):\n"
+            f" s=socket.create_connection(('{address}',{port}),timeout=5);f=s.makefile('rw')\n"
+            f" f.write('x\\n');f.flush();print(f.readline().strip());s.close()\n")
+    return sh([SYSTEM_PYTHON, "-c", code], netns).stdout.split("\n")[:-1]
+
+
+UDP = """
+services:
+  dgram:
+    command: "@ECHO@ 90 udp"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["9090:90/udp"]
+"""
+
+
+def test_udp_flows_of_a_removed_backend_are_flushed(lab):
+    up(lab, UDP)
+    addr = nodes(lab)
+    hosts = {t["name"]: t["hostname"] for t in lab.json("ps")}
+    # find a source port whose flow lands on dgram.2, the task a scale-down removes
+    for source in range(40000, 40040):
+        if hosts["dgram.2"] in udp_ask(lab.host, addr["n2"], 9090, source):
+            break
+    else:
+        raise AssertionError("no flow reached dgram.2")
+    assert hosts["dgram.2"] in udp_ask(lab.host, addr["n2"], 9090, source)   # conntrack keeps it
+    lab.mesh("service", "scale", "dgram=1")
+    # the same flow (same source port) now reaches the task that is left, not a dead address
+    assert hosts["dgram.1"] in udp_ask(lab.host, addr["n2"], 9090, source)
