@@ -34,7 +34,7 @@ from mesh.views import network_list, service_list, task_view
 
 log = logging.getLogger("mesh.daemon")
 STATUS = {NotFound: 404, Conflict: 409}
-RESYNC_INTERVAL = 60.0
+RESYNC_INTERVAL = float(os.environ.get("MESH_LB_RESYNC", "60"))   # seconds between full resyncs
 
 
 @web.middleware

@@ -268,3 +268,21 @@ def test_udp_flows_of_a_removed_backend_are_flushed(lab):
     lab.mesh("service", "scale", "dgram=1")
     # the same flow (same source port) now reaches the task that is left, not a dead address
     assert hosts["dgram.1"] in udp_ask(lab.host, addr["n2"], 9090, source)
+
+
+def test_a_balancer_changed_behind_meshs_back_is_repaired_by_the_periodic_resync(lab):
+    lab.env["MESH_LB_RESYNC"] = "0.5"
+    lab.up("""
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2}
+  client:
+    command: sleep 300
+""")
+    sandbox = lab.task("client.1")["sandbox"]
+    ask = lambda: lab.exec("client.1", "curl", "-sS", "--max-time", "2", "http://web/", check=False)
+    wait_for(lambda: ask().returncode == 0, "the VIP answers")
+    sh(["nft", "delete", "table", "ip", "mesh_lb"], sandbox)      # someone removes it (it existed)
+    wait_for(lambda: ask().returncode == 0, "the resync repairs it")
+    assert "vmap @services" in sh(["nft", "list", "table", "ip", "mesh_lb"], sandbox).stdout
