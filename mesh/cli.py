@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from mesh.client import Api
 from mesh.errors import MeshError
@@ -52,8 +53,66 @@ def cmd_up(args, api: Api) -> int:
         if started:
             api.call("POST", "/v1/down")
         raise MeshError(data["error"] if isinstance(data, dict) else str(data))
-    _emit(args, data["tasks"], _print_tasks)
+    if args.json:
+        _emit(args, data["tasks"], _print_tasks)
+        return 0
+    _wait_ready(api, args.wait)
+    _print_summary(api, args.nodes)
     return 0
+
+
+def _not_ready(task: dict) -> str | None:
+    """What a task still waits for, or None when it takes traffic (or has finished)."""
+    if task["state"] == "exited":
+        return None
+    if task["state"] != "running":
+        return task["state"]
+    if task.get("health", "none") not in ("none", "healthy"):
+        return f"health {task['health']}"
+    return None
+
+
+def _wait_ready(api: Api, timeout: float) -> None:
+    """Progress on stderr until every task runs (and is healthy, if checked), or `timeout`."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        tasks = api.checked("GET", "/v1/tasks")
+        waiting = {t["name"]: w for t in tasks if (w := _not_ready(t))}
+        line = f"mesh: {len(tasks) - len(waiting)}/{len(tasks)} tasks ready" + (
+            " (waiting: " + ", ".join(f"{n} {w}" for n, w in sorted(waiting.items())[:6]) +
+            (", ..." if len(waiting) > 6 else "") + ")" if waiting else "")
+        if line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            print(f"mesh: not ready after {timeout:.0f}s; `mesh ps` shows them", file=sys.stderr)
+            return
+        time.sleep(0.2)
+
+
+def _print_summary(api: Api, lab: int) -> None:
+    """Tasks, services, nodes and where each published port answers."""
+    _print_tasks(api.checked("GET", "/v1/tasks"))
+    services = api.checked("GET", "/v1/services")
+    print()
+    _print_services(services)
+    nodes = api.checked("GET", "/v1/nodes") if lab else []
+    if nodes:
+        print()
+        _print_nodes(nodes)
+    rows = []
+    for svc in services:
+        on = {t["node"] for t in svc["tasks"] if t["state"] == "running"}
+        for p in svc.get("published", []):
+            where = [n["address"] for n in nodes if p["mode"] == "ingress" or n["name"] in on] \
+                if nodes else ["every address of the host"]
+            rows.append([svc["name"], f'{p["published"]}/{p["protocol"]}', p["target"], p["mode"],
+                         " ".join(f'{a}:{p["published"]}' for a in where) if nodes else where[0]])
+    if rows:
+        print()
+        print(_table(rows, ["SERVICE", "PUBLISHED", "TARGET", "MODE", "ANSWERS ON"]))
 
 
 def cmd_down(args, api: Api) -> int:
@@ -91,10 +150,13 @@ def cmd_network(args, api: Api) -> int:
     return 0
 
 
+def _print_nodes(nodes: list[dict]) -> None:
+    print(_table([[n["name"], n["address"], n["role"], n["state"], n["tasks"]] for n in nodes],
+                 ["NODE", "ADDRESS", "ROLE", "STATE", "TASKS"]))
+
+
 def cmd_node(args, api: Api) -> int:
-    _emit(args, api.checked("GET", "/v1/nodes"), lambda nodes: print(_table(
-        [[n["name"], n["address"], n["role"], n["state"], n["tasks"]] for n in nodes],
-        ["NODE", "ADDRESS", "ROLE", "STATE", "TASKS"])))
+    _emit(args, api.checked("GET", "/v1/nodes"), _print_nodes)
     return 0
 
 
@@ -249,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-f", "--file", required=True)
     up.add_argument("--nodes", type=_node_count, default=0,
                     help="run a local lab of N nodes (network namespaces) instead of this host alone")
+    up.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                    help="show progress until every task runs and is healthy, at most this long")
     up.add_argument("--lb", choices=LB_CHOICES, default=os.environ.get("MESH_LB", "auto"),
                     help="the kernel load balancer: ipvs, nftables, or auto (IPVS when the kernel "
                          "has ip_vs); env MESH_LB")
