@@ -84,8 +84,9 @@ class Lab:
         import json
         return json.loads(self.mesh("inspect", name).stdout)
 
-    def exec(self, task: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.mesh("exec", task, "--", *argv, check=check)
+    def exec(self, task: str, *argv: str, check: bool = True,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.mesh("exec", task, "--", *argv, check=check, timeout=timeout)
 
     def netns(self, role: str) -> str:
         name = f"mesh-t{self.tag}{role}"
@@ -113,6 +114,21 @@ class Lab:
         for ns in self.extra_ns + [self.host]:
             sh(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(self.etc, ignore_errors=True)
+
+
+def wait_for(predicate, bound: float = 20.0, what: str | None = None):
+    """Poll `predicate` every 0.1 s until it returns something true or `bound` seconds passed;
+    returns its last value, or raises naming `what` when given and it never came true."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    value = predicate()
+    if what is not None and not value:
+        raise AssertionError(f"timed out after {bound:.0f}s waiting for {what}")
+    return value
 
 
 def curl(url: str, netns: str | None, tries: float = 5.0, max_time: float = 2.0) -> str:

@@ -9,15 +9,9 @@ from mesh.model import Healthcheck
 from mesh.runtime import Supervisor
 from mesh.state import TaskState
 
+from labkit import wait_for
 
-def _wait_for(predicate, bound: float = 20.0):
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    return predicate()
+
 
 
 def _procs(*argv: str) -> list[int]:
@@ -55,23 +49,23 @@ services:
   plain:
     command: sleep 300
 """)
-    web = _wait_for(lambda: (t := _ps(lab)["web.1"])["health"] == "healthy" and t)
+    web = wait_for(lambda: (t := _ps(lab)["web.1"])["health"] == "healthy" and t)
     assert web and web["state"] == "running"
     assert _ps(lab)["plain.1"]["health"] == "none"
     service = json.loads(lab.mesh("service", "ps", "web", "--json").stdout)
     assert [(t["name"], t["health"]) for t in service["tasks"]] == [("web.1", "healthy")]
 
     lab.exec("web.1", "rm", str(ready))             # the probe sees what exec sees
-    sick = _wait_for(lambda: (t := _ps(lab)["web.1"])["health"] == "unhealthy" and t)
+    sick = wait_for(lambda: (t := _ps(lab)["web.1"])["health"] == "unhealthy" and t)
     assert sick, _ps(lab)["web.1"]
     assert sick["health_failing_streak"] >= 2 and sick["health_log"][-1]["exit_code"] == 1
     assert (sick["state"], sick["pid"], sick["restarts"]) == ("running", web["pid"], 0)   # not restarted
 
     ready.write_text("")
-    assert _wait_for(lambda: _ps(lab)["web.1"]["health"] == "healthy"), _ps(lab)["web.1"]
+    assert wait_for(lambda: _ps(lab)["web.1"]["health"] == "healthy"), _ps(lab)["web.1"]
 
     # failures inside start_period do not count: several failed, still starting
-    slow = _wait_for(lambda: len((t := _ps(lab)["slow.1"])["health_log"]) >= 3 and t)
+    slow = wait_for(lambda: len((t := _ps(lab)["slow.1"])["health_log"]) >= 3 and t)
     assert slow and slow["health"] == "starting"
     assert all(e["exit_code"] == 1 for e in slow["health_log"])
 
@@ -87,7 +81,7 @@ services:
       interval: 200ms
       timeout: 5s
 """)
-    task = _wait_for(lambda: (t := _ps(lab)["named.1"])["health"] != "starting" and t)
+    task = wait_for(lambda: (t := _ps(lab)["named.1"])["health"] != "starting" and t)
     assert task["health"] == "healthy", task["health_log"]
 
 
@@ -100,7 +94,7 @@ services:
     healthcheck: {{test: {json.dumps(["CMD", *marker])}, interval: 200ms, timeout: 300ms, retries: 2}}
 """)
     seen = []
-    task = _wait_for(lambda: seen.append(len(_procs(*marker))) or
+    task = wait_for(lambda: seen.append(len(_procs(*marker))) or
                      ((t := _ps(lab)["hang.1"])["health"] == "unhealthy" and t))
     assert task, _ps(lab)["hang.1"]
     assert all(e["timed_out"] and e["exit_code"] is None and "timeout" in e["output"]
@@ -108,7 +102,7 @@ services:
     assert max(seen) <= 1                           # probes do not pile up: each one was killed
     pid = task["pid"]
     lab.mesh("down")
-    assert _wait_for(lambda: not _procs(*marker), 5), _procs(*marker)
+    assert wait_for(lambda: not _procs(*marker), 5), _procs(*marker)
     assert not os.path.exists(f"/proc/{pid}")
 
 

@@ -4,11 +4,14 @@ has no ip_vs; tests/kernel/test_lb_backends.py runs both backends, the IPVS one 
 Clients are real: curl and Python sockets in the test's host namespace (which reaches every node's
 underlay address) and inside tasks (`mesh exec`)."""
 import json
-import socket
 import subprocess
 import time
 
-from labkit import ROOT, SYSTEM_PYTHON, curl, no_connect, sh
+import pytest
+
+from mesh.lb.base import kernel_has_ipvs
+
+from labkit import ROOT, SYSTEM_PYTHON, curl, no_connect, sh, wait_for
 
 MESH = """
 services:
@@ -179,14 +182,6 @@ services:
 """
 
 
-def wait_for(predicate, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_health_gates_the_balancer_and_a_leaving_task_is_drained(lab):
@@ -197,13 +192,13 @@ def test_health_gates_the_balancer_and_a_leaving_task_is_drained(lab):
     # nobody healthy: nobody takes connections (refused at once by the balancer)
     assert no_connect(url, lab.host)
     (lab.tmp / f"healthy-{web['web.1']}").touch()
-    wait_for(lambda: curl(url, lab.host).startswith("host="), "web.1 healthy")
+    wait_for(lambda: curl(url, lab.host).startswith("host="), what="web.1 healthy")
     assert {a.split()[0][5:] for a in answers(url, lab.host, 8)} == {web["web.1"]}
     (lab.tmp / f"healthy-{web['web.2']}").touch()
-    wait_for(lambda: len({a.split()[0] for a in answers(url, lab.host, 8)}) == 2, "both healthy")
+    wait_for(lambda: len({a.split()[0] for a in answers(url, lab.host, 8)}) == 2, what="both healthy")
     (lab.tmp / f"healthy-{web['web.1']}").unlink()        # web.1 turns unhealthy: it leaves
     wait_for(lambda: {a.split()[0][5:] for a in answers(url, lab.host, 8)} == {web["web.2"]},
-             "web.1 out of the balancer")
+             what="web.1 out of the balancer")
 
     # draining: a long-lived connection to lines.2 keeps working while `scale lines=1` waits
     lines = {t["name"]: t["hostname"] for t in lab.json("ps") if t["service"] == "lines"}
@@ -282,7 +277,42 @@ services:
 """)
     sandbox = lab.task("client.1")["sandbox"]
     ask = lambda: lab.exec("client.1", "curl", "-sS", "--max-time", "2", "http://web/", check=False)
-    wait_for(lambda: ask().returncode == 0, "the VIP answers")
+    wait_for(lambda: ask().returncode == 0, what="the VIP answers")
     sh(["nft", "delete", "table", "ip", "mesh_lb"], sandbox)      # someone removes it (it existed)
-    wait_for(lambda: ask().returncode == 0, "the resync repairs it")
+    wait_for(lambda: ask().returncode == 0, what="the resync repairs it")
     assert "vmap @services" in sh(["nft", "list", "table", "ip", "mesh_lb"], sandbox).stdout
+
+
+IPVS_LAB = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["8080:80"]
+  client:
+    command: sleep 600
+    deploy: {placement: {constraints: ["node.hostname==n2"]}}
+"""
+
+
+@pytest.mark.skipif(not kernel_has_ipvs(), reason="this kernel has no ip_vs; the VM run "
+                    "(make test-vm, part of make test) runs this test on a stock Debian kernel")
+def test_the_routing_mesh_on_the_ipvs_backend(lab):
+    """A 2-node lab with --lb ipvs: the ingress namespaces and the client's sandbox balance with
+    IPVS fwmark services in masquerade mode; every node answers; the VIP balances from a task."""
+    path = lab.tmp / "ipvs.yaml"
+    path.write_text(IPVS_LAB.replace("@ECHO@", lab.echo))
+    lab.mesh("up", "-f", str(path), "--nodes", "2", "--lb", "ipvs", timeout=600)
+    assert lab.json("node", "ls")       # the daemon runs
+    addr = nodes(lab)
+    web_hosts = hostnames(lab, "web")
+    for node in ("n1", "n2"):
+        got = answers(f"http://{addr[node]}:8080/", lab.host, 8)
+        assert {a.split()[0][5:] for a in got} == web_hosts, (node, got)
+        assert all(a.endswith(f"client={HOST_ADDRESS}") for a in got), got
+    ingress = f"{lab.host}-n2-ingress"
+    table = sh(["ipvsadm", "-Ln"], ingress).stdout
+    assert "FWM" in table and table.count("Masq") == 2, table
+    out = lab.exec("client.1", "sh", "-c", "for i in 1 2 3 4 5 6 7 8; do curl -sS --max-time 5 "
+                   "http://web/; done", timeout=300).stdout
+    assert {line.split()[0][5:] for line in out.splitlines() if line} == web_hosts, out

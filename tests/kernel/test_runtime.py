@@ -1,15 +1,7 @@
 """Tasks as processes: logs, restart policies, exec, environment and working directory."""
-import time
+from labkit import wait_for
 
 
-def _wait_for(predicate, bound: float = 10.0):
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_logs_restart_policies_and_exit_codes(lab):
@@ -27,14 +19,14 @@ services:
     command: sh -c 'echo done; exit 0'
     restart: on-failure
 """)
-    once = _wait_for(lambda: (t := lab.task("once.1"))["state"] == "exited" and t)
+    once = wait_for(lambda: (t := lab.task("once.1"))["state"] == "exited" and t)
     assert once["exit_code"] == 3 and once["restarts"] == 0
     assert lab.mesh("logs", "once.1").stdout == "hello from once\n"
-    flaky = _wait_for(lambda: (t := lab.task("flaky.1"))["restarts"] >= 2 and t)
+    flaky = wait_for(lambda: (t := lab.task("flaky.1"))["restarts"] >= 2 and t)
     assert flaky["restarts"] >= 2
     assert lab.mesh("logs", "flaky.1").stdout.count("try\n") >= 3
-    assert _wait_for(lambda: lab.task("steady.1")["restarts"] >= 2)
-    clean = _wait_for(lambda: (t := lab.task("clean.1"))["state"] == "exited" and t)
+    assert wait_for(lambda: lab.task("steady.1")["restarts"] >= 2)
+    clean = wait_for(lambda: (t := lab.task("clean.1"))["state"] == "exited" and t)
     assert clean["exit_code"] == 0 and clean["restarts"] == 0
     missing = lab.mesh("logs", "nope.1", check=False)
     assert missing.returncode == 1 and "no task named 'nope.1'" in missing.stderr
