@@ -76,7 +76,7 @@ bench-dns: venv
 #                  IPVS, this machine's may not); see tests/vm/run.py. VM_ARGS: harness options, e.g.
 #                  VM_ARGS='--timeout 900 --keep-log --junitxml build/vm-junit.xml'
 VM_APT := qemu-system-x86 busybox-static kmod ipvsadm
-VM_TESTS ?= tests/kernel/test_modes.py::test_macvlan_on_a_vlan_sub_interface_made_on_demand
+VM_TESTS ?= tests/kernel/test_modes.py::test_macvlan_on_a_vlan_sub_interface_made_on_demand tests/kernel/test_lb_backends.py
 VM_ARGS ?=
 .PHONY: vm-assets test-vm
 vm-assets:
