@@ -41,8 +41,10 @@ demo: venv
 	  echo "curl http://$$a:8080/ -> $$(ip netns exec mesh-demo curl -s --max-time 5 --retry 5 --retry-connrefused --retry-delay 1 http://$$a:8080/)"; \
 	done
 	@echo "# names inside a task, through the embedded resolver at 127.0.0.11 (tasks on other nodes too):"
-	$(MESH) exec api.1 --host-netns mesh-demo -- getent hosts web backend db web.3
+	$(MESH) exec api.1 --host-netns mesh-demo -- getent hosts web backend db web.2
 	$(MESH) exec api.1 --host-netns mesh-demo -- dig +short @127.0.0.11 tasks.web
+	@echo "# the service name is a virtual IP, balanced in the kernel, from a task on every node:"
+	@for n in n1 n2 n3; do echo "agent.$$n: curl http://web/ -> $$($(MESH) exec agent.$$n --host-netns mesh-demo -- curl -s --max-time 5 http://web/)"; done
 	@echo
 	@echo "The demo keeps running. Try: $(MESH) ps --host-netns mesh-demo"
 	@echo "Remove it with:              $(MESH) down --host-netns mesh-demo"
@@ -76,7 +78,8 @@ bench-dns: venv
 #                  IPVS, this machine's may not); see tests/vm/run.py. VM_ARGS: harness options, e.g.
 #                  VM_ARGS='--timeout 900 --keep-log --junitxml build/vm-junit.xml'
 VM_APT := qemu-system-x86 busybox-static kmod ipvsadm
-VM_TESTS ?= tests/kernel/test_modes.py::test_macvlan_on_a_vlan_sub_interface_made_on_demand tests/kernel/test_lb_backends.py
+VM_TESTS ?= tests/kernel/test_modes.py::test_macvlan_on_a_vlan_sub_interface_made_on_demand tests/kernel/test_lb_backends.py \
+	tests/kernel/test_lb.py::test_the_routing_mesh_on_the_ipvs_backend
 VM_ARGS ?=
 .PHONY: vm-assets test-vm
 vm-assets:

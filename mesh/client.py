@@ -18,7 +18,7 @@ from mesh.errors import MeshError
 from mesh.lb.base import resolve_choice
 from mesh.paths import Paths
 
-START_TIMEOUT = 15.0
+START_TIMEOUT = float(os.environ.get("MESH_START_TIMEOUT", "60"))   # an emulated VM is slow
 
 
 class Api:
