@@ -2,6 +2,7 @@
 
     sup = Supervisor(log_dir, host_netns)
     await sup.start(task)        # runs it, restarts it per `restart:`, output to <log_dir>/<task>.log
+    await sup.adopt(task)        # after the daemon was killed: watch the process it had started
     sup.status("web.1")          # {"state": "running", "pid": ..., "exit_code": ..., "restarts": ...,
                                  #  "health": "none" | "starting" | "healthy" | "unhealthy", ...}
     sup.healthy("web.1")         # may take traffic: running, and healthy if it has a healthcheck
@@ -115,6 +116,34 @@ class Supervisor:
             delay = 0.1 if time.monotonic() - t0 > 10 else min(delay * 2, 5.0)
             await asyncio.sleep(delay)
 
+    async def adopt(self, task: TaskState) -> bool:
+        """Take over the process a previous supervisor of this log dir started for `task` (its
+        daemon was killed): it keeps running, and when it exits the task's restart policy applies
+        as for a process started here (its exit code is unknown: not our child). False when that
+        process no longer runs."""
+        pid = live_pid(self.pid_path(task.name))
+        if pid is None:
+            return False
+        run = Run(task, state="running", pid=pid, started_at=time.time())
+        self.runs[task.name] = run
+        self._start_health(run)
+        run.runner = asyncio.create_task(self._adopted(run))
+        return True
+
+    async def _adopted(self, run: Run) -> None:
+        await wait_exit(run.pid)
+        await self._stop_health(run)
+        run.pid = None
+        _unlink(self.pid_path(run.task.name))
+        if not should_restart(run.task.restart, -1, run.stopping):
+            run.state = "exited"
+            self.on_change()
+            return
+        run.state, run.restarts = "restarting", run.restarts + 1
+        self.on_change()
+        await asyncio.sleep(0.1)
+        await self._loop(run, asyncio.get_running_loop().create_future())
+
     async def _spawn(self, run: Run) -> None:
         with open(self.log_path(run.task.name), "ab") as log:
             run.proc = await asyncio.create_subprocess_exec(
@@ -199,18 +228,48 @@ def start_time(pid: int) -> str:
         return ""
 
 
-def kill_leftovers(log_dir: str) -> list[int]:
-    """Kill the process groups of tasks whose daemon died (from their pid files); returns the PIDs."""
+def live_pid(pid_path: str) -> int | None:
+    """The PID in a task's pid file if that very process still runs (same start time, not a
+    zombie), else None."""
+    try:
+        with open(pid_path) as f:
+            pid, _, started = f.read().strip().partition(" ")
+        if not pid.isdigit() or not started or start_time(int(pid)) != started:
+            return None
+        with open(f"/proc/{pid}/stat") as f:
+            return None if f.read().rsplit(")", 1)[1].split()[0] == "Z" else int(pid)
+    except (OSError, IndexError):
+        return None
+
+
+async def wait_exit(pid: int) -> None:
+    """Until a process that is not our child exits (a pidfd becomes readable when it does)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def kill_leftovers(log_dir: str, keep: frozenset[str] | set[str] = frozenset()) -> list[int]:
+    """Kill the process groups of tasks whose daemon died (from their pid files), except the
+    tasks named in `keep` (adopted); returns the PIDs."""
     killed = []
     for entry in os.listdir(log_dir) if os.path.isdir(log_dir) else []:
-        if not entry.endswith(".pid"):
+        if not entry.endswith(".pid") or entry[:-len(".pid")] in keep:
             continue
         path = os.path.join(log_dir, entry)
-        with open(path) as f:
-            pid, _, started = f.read().strip().partition(" ")
-        if pid.isdigit() and started and start_time(int(pid)) == started:
-            _signal_group(int(pid), signal.SIGKILL)
-            killed.append(int(pid))
+        pid = live_pid(path)
+        if pid is not None:
+            _signal_group(pid, signal.SIGKILL)
+            killed.append(pid)
         _unlink(path)
     return killed
 

@@ -1,0 +1,307 @@
+"""The manager daemon: the daemon's API and controller, with the cluster store where the agents were.
+
+    mesh manager --store etcd://10.0.0.5:2379 [--node-name m1] [--host-netns NAME]
+
+It serves the daemon's HTTP API (mesh.daemon.build_app) on the unix socket of its host namespace,
+so `mesh up/ps/service .../node ls/inspect/logs/exec/down` work against it. Several managers may
+run; one leads (mesh.election). Every manager mirrors the store (one watch on /mesh/) and answers
+reads from that mirror; only the leader changes anything, and a standby answers a change with 409
+and the leader's name.
+
+The leader's work: a change (up, scale, rm, connect, disconnect) is placed by the scheduler on the
+nodes registered under /mesh/nodes/ (a node whose lease expired is down: its tasks move, global
+services follow nodes that join and leave), allocated cluster-wide (mesh.allocator), and written as
+ONE key, /mesh/desired (mesh.codec.ClusterDoc: the desired state of every node, the stack, the
+node table), by compare-and-swap on its previous revision. Agents watch that key; each applies its
+node's part and reports task state under /mesh/status/<node>/<task>, which the API shows.
+
+`mesh down` removes the stack (the agents tear down what they made), waits for the agents to
+report nothing left, and stops this manager, as `mesh down` stops the daemon.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import replace
+from ipaddress import ip_network
+
+import aiohttp
+from aiohttp import web
+
+from mesh.allocator import ClusterPlacement, build_desired
+from mesh.codec import ClusterDoc, CodecError, NodeInfo, decode, decode_doc, encode
+from mesh.controller import Controller
+from mesh.daemon import build_app
+from mesh.election import Election
+from mesh.errors import Conflict, MeshError
+from mesh.paths import Paths
+from mesh.scheduler import Node, schedule
+from mesh.state import DesiredState
+from mesh.store import CasFailed, KeyValue, Store
+from mesh.storeops import DESIRED, LEADER, NODES, PREFIX, STATUS, connect, follow
+
+log = logging.getLogger("mesh.manager")
+DOWN_TIMEOUT = 60.0
+UNREPORTED = {"state": "assigned", "pid": None, "exit_code": None, "restarts": 0}
+
+
+def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> ClusterPlacement:
+    """Where each task runs, on the nodes of `table` (down nodes get nothing; pure)."""
+    nodes = [Node(name=n.name, id=n.name, role=n.role, labels=n.labels, ready=n.state == "ready")
+             for n in table]
+    before = {t.name: t.node for t in previous.tasks.values() if t.node}
+    placed = schedule(stack.services, nodes, before)
+    return ClusterPlacement(
+        node_netns={n.name: n.netns for n in table},
+        underlay={n.name: n.address for n in table if n.state == "ready"},
+        tasks=tuple((p.service, p.slot, p.task, p.node) for p in placed if p.node),
+        pending=tuple((p.service, p.task, p.reason or "") for p in placed if not p.node))
+
+
+def node_table(known: tuple[NodeInfo, ...], live: dict[str, NodeInfo]) -> tuple[NodeInfo, ...]:
+    """Every node the cluster knows, sorted: the registered ones ready, the others down (pure)."""
+    out = {n.name: replace(n, state="down") for n in known}
+    out.update({name: replace(n, state="ready", agent_pid=None, error=None) for name, n in live.items()})
+    return tuple(out[name] for name in sorted(out))
+
+
+def cluster_routes(table: tuple[NodeInfo, ...]) -> list:
+    """Every ready node's own routes: a network's subnet must overlap none of them."""
+    return sorted({ip_network(r, strict=False) for n in table if n.state == "ready" for r in n.routes},
+                  key=str)
+
+
+class ClusterController(Controller):
+    """mesh.controller.Controller's checks and changes; the result goes to the store, not to agents."""
+
+    def __init__(self, store: Store, name: str):
+        # host None: names the manager derives (bridge links) must not depend on which manager leads
+        super().__init__([], None, None)
+        self.store, self.name = store, name
+        self.leading = False
+        self.leader_name: str | None = None
+        self.doc, self.doc_rev = ClusterDoc(), 0
+        self.live: dict[str, NodeInfo] = {}
+        self.statuses: dict[tuple[str, str], dict] = {}
+        self.lock = asyncio.Lock()
+        self.synced = asyncio.Event()
+        self._kick: asyncio.Task | None = None
+        self._dirty = False
+
+    # -- the mirror of /mesh/ ---------------------------------------------------------------
+    async def mirror(self) -> None:
+        async for kind, item in follow(self.store, PREFIX):
+            if kind == "snapshot":
+                self.live.clear()
+                self.statuses.clear()
+                for kv in item:
+                    self._absorb(kv, True)
+                self.synced.set()
+            else:
+                self._absorb(item.kv, item.kind == "put")
+            if self.leading and (kind == "snapshot" or item.kv.key.startswith(NODES)):
+                self.kick()
+
+    def _absorb(self, kv: KeyValue, present: bool) -> None:
+        key = kv.key
+        try:
+            if key.startswith(NODES):
+                name = key[len(NODES):]
+                if present:
+                    self.live[name] = decode(NodeInfo, kv.value)
+                else:
+                    self.live.pop(name, None)
+            elif key.startswith(STATUS):
+                node, _, task = key[len(STATUS):].partition("/")
+                if present:
+                    self.statuses[(node, task)] = decode(dict[str, object], kv.value)
+                else:
+                    self.statuses.pop((node, task), None)
+            elif key == DESIRED:
+                if not present:
+                    self._load(ClusterDoc(), 0)
+                elif kv.mod_revision > self.doc_rev:
+                    self._load(decode_doc(kv.value), kv.mod_revision)
+            elif key == LEADER:
+                self.leader_name = decode(dict[str, object], kv.value).get("name") if present else None
+        except CodecError as exc:
+            log.error("ignoring %s: %s", key, exc)
+
+    def _load_kv(self, kv: KeyValue | None) -> None:
+        if kv is None:
+            self._load(ClusterDoc(), 0)
+        else:
+            self._load(decode_doc(kv.value), kv.mod_revision)
+
+    def _load(self, doc: ClusterDoc, revision: int) -> None:
+        self.doc, self.doc_rev = doc, revision
+        self.desired, self.stack = doc.desired, doc.stack
+        self.connections, self.disconnections = doc.connections, doc.disconnections
+
+    # -- leadership -------------------------------------------------------------------------
+    async def on_elected(self) -> None:
+        await self.synced.wait()
+        async with self.lock:
+            self._load_kv(await self.store.get(DESIRED))     # the latest, not the mirror's
+            self.leading = True
+        self.kick()
+
+    async def on_deposed(self) -> None:
+        self.leading = False
+
+    def kick(self) -> None:
+        """Nodes changed: re-place soon; a burst of changes coalesces into one write."""
+        self._dirty = True
+        if self._kick is None or self._kick.done():
+            self._kick = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("re-placing after a node change failed")
+
+    async def reconcile(self) -> None:
+        async with self.lock:
+            if not self.leading:
+                return
+            table = node_table(self.doc.nodes, self.live)
+            if [n.placement_key() for n in table] == [n.placement_key() for n in self.doc.nodes]:
+                return
+            log.info("nodes: %s", ", ".join(f"{n.name} {n.state}" for n in table))
+            if self.stack is None:
+                await self._publish(replace(self.doc, nodes=table))
+            else:
+                await self._build_and_apply(self.stack, self.connections, self.disconnections)
+
+    def _require_leader(self) -> None:
+        if not self.leading:
+            raise Conflict(f"this manager ({self.name}) is a standby and changes nothing; the leader "
+                           f"is {self.leader_name or 'being elected'}: ask it, or retry in a moment")
+
+    # -- what the Controller calls ------------------------------------------------------------
+    async def _build_and_apply(self, stack, conns, disconns) -> DesiredState:
+        self._require_leader()
+        table = node_table(self.doc.nodes, self.live)
+        desired = build_desired(stack, self.desired, cluster_routes(table), None, conns, disconns,
+                                placement(stack, self.desired, table))
+        await self._publish(ClusterDoc(desired, stack, conns, disconns, table))
+        return desired
+
+    async def _publish(self, doc: ClusterDoc) -> None:
+        doc = replace(doc, leader=self.name, serial=self.doc.serial + 1)
+        try:
+            revision = await self.store.put(DESIRED, encode(doc), expect=self.doc_rev)
+        except CasFailed as exc:
+            self._load_kv(exc.current)
+            raise Conflict("the cluster's desired state was changed by another manager; "
+                           "this one has re-read it: retry") from None
+        self._load(doc, revision)
+
+    def status(self, task: str) -> dict:
+        t = self.task(task)
+        return self.statuses.get((t.node, task), UNREPORTED)
+
+    def log_path(self, task: str) -> str:
+        return str(self.status(task).get("log") or "")
+
+    async def down(self) -> None:
+        async with self.lock:
+            self._require_leader()
+            await self._publish(ClusterDoc(nodes=node_table(self.doc.nodes, self.live)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DOWN_TIMEOUT
+        while self._reported_tasks() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self._reported_tasks():
+            log.warning("mesh down: agents still report %s", sorted(self._reported_tasks()))
+
+    def _reported_tasks(self) -> set[tuple[str, str]]:
+        return {key for key in self.statuses if key[0] in self.live}
+
+    def node_list(self) -> list[dict]:
+        """`mesh node ls`: every node known, with its state and number of tasks."""
+        return [{"name": n.name, "address": n.address, "role": n.role, "state": n.state,
+                 "tasks": len(self.desired.on_node(n.name)), "labels": dict(n.labels),
+                 "error": self.live[n.name].error if n.name in self.live else None}
+                for n in node_table(self.doc.nodes, self.live)]
+
+
+def _locked(method):
+    async def call(self, *args):
+        async with self.lock:
+            return await method(self, *args)
+    call.__name__ = method.__name__
+    return call
+
+
+for _name in ("up", "scale", "remove_service", "connect", "disconnect"):
+    setattr(ClusterController, _name, _locked(getattr(Controller, _name)))
+
+
+def cluster_middleware(ctl: ClusterController):
+    """The routes that differ from the daemon's: nodes come from the store, ping says who leads."""
+    @web.middleware
+    async def middleware(request, handler):
+        if request.method == "GET" and request.path == "/v1/nodes":
+            return web.json_response(ctl.node_list())
+        if request.method == "GET" and request.path == "/v1/ping":
+            return web.json_response({"host_netns": None, "pid": os.getpid(), "nodes": 0,
+                                      "manager": ctl.name, "leader": ctl.leader_name,
+                                      "leading": ctl.leading})
+        return await handler(request)
+    return middleware
+
+
+async def serve_manager(url: str, name: str, host_netns: str | None) -> None:
+    paths = Paths.for_host(host_netns)
+    os.makedirs(paths.root, exist_ok=True)
+    if os.path.exists(paths.socket) and await _answers(paths.socket):
+        raise MeshError(f"a mesh daemon or manager already serves {paths.socket}")
+    store = await connect(url, "manager", name)
+    ctl = ClusterController(store, name)
+    election = Election(store, name)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    app = build_app(ctl, stop)
+    app.middlewares.append(cluster_middleware(ctl))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.socket)                 # a stale socket: nothing answered on it
+    await web.UnixSite(runner, paths.socket).start()
+    jobs = [asyncio.ensure_future(ctl.mirror()),
+            asyncio.ensure_future(election.run(ctl.on_elected, ctl.on_deposed))]
+    log.info("mesh manager %s serving %s, store %s", name, paths.socket, url)
+    try:
+        done, _ = await asyncio.wait([asyncio.ensure_future(stop.wait()), *jobs],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for job in done:
+            if job in jobs and job.exception():
+                raise job.exception()
+        await asyncio.sleep(0.05)          # let the answer to /v1/down go out
+    finally:
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        await election.resign()
+        await runner.cleanup()
+        await store.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.socket)
+
+
+async def _answers(socket_path: str) -> bool:
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path),
+                                         timeout=aiohttp.ClientTimeout(total=2)) as session:
+            async with session.get("http://mesh/v1/ping") as resp:
+                return resp.status == 200
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return False

@@ -1,0 +1,292 @@
+"""The agent daemon of one node: registers in the store, applies its part of the desired state,
+reports its tasks.
+
+    mesh agent --store etcd://10.0.0.5:2379 --node-name n1 --address 10.0.0.11 [--role manager]
+               [--label zone=a ...]
+
+Its host namespace is the one it runs in (host_netns None). It
+- registers /mesh/nodes/<name> (mesh.codec.NodeInfo: address, role, labels, its namespace's
+  name if it has one, its routes) with a lease it keeps alive: the lease is its heartbeat, and
+  when it expires the leader marks the node down and moves its tasks;
+- watches /mesh/desired and applies the latest ClusterDoc's desired state with mesh.agent.Agent
+  (built as the daemon builds a node's agent), which runs only this node's tasks; changes that
+  arrive while an apply runs coalesce into the next one;
+- reports each task's state at /mesh/status/<name>/<task> (put with its lease, so a dead node's
+  reports vanish with it) whenever the supervisor sees a change;
+- keeps the state it last applied in <run dir>/applied.json. After `kill -9` and a restart it
+  loads that state as what it has applied, re-attaches to the task processes still running
+  (pid files with their start time), and kills those it no longer knows; the first apply then
+  changes only what differs, so running tasks keep their PIDs and nothing is made twice.
+- on SIGTERM/SIGINT: removes everything it made and revokes its lease (the node leaves at once).
+
+In a lab, start it inside the node's network namespace with `nsenter --net=/run/netns/NODE`, not
+`ip netns exec NODE`: ip netns exec also gives the process a private (slave) mount namespace, so
+the sandboxes it names (ip netns add) would be visible to it alone.
+Its files: MESH_RUN_DIR (default /run/mesh) / node-<name> / applied.json, logs/<task>.log|.pid.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import signal
+from dataclasses import replace
+
+from mesh.codec import ClusterDoc, CodecError, NodeInfo, decode, decode_doc, encode
+from mesh.model import DnsOptions
+from mesh.netlink import Netlink
+from mesh.netns import NETNS_DIR
+from mesh.nft import NftCli
+from mesh.paths import Paths
+from mesh.runtime import kill_leftovers
+from mesh.state import DesiredState
+from mesh.store import Store, StoreError
+from mesh.storeops import DESIRED, LEASE_TTL, NODES, LeaseKeeper, connect, follow, status_key
+
+log = logging.getLogger("mesh.nodeagent")
+RETRY = 1.0
+POLL = 2.0                      # the supervisor does not report a first start: look this often
+REPORTED = ("state", "pid", "exit_code", "restarts", "started_at", "health", "health_failing_streak")
+
+
+def agent_paths(node: str) -> Paths:
+    base = os.path.dirname(Paths.for_host(None).root)
+    return Paths(os.path.join(base, f"node-{node}"))
+
+
+def current_netns() -> str | None:
+    """The name (in /run/netns) of the network namespace this process is in, or None."""
+    own = os.stat("/proc/self/ns/net")
+    for name in sorted(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else []:
+        try:
+            st = os.stat(os.path.join(NETNS_DIR, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return name
+    return None
+
+
+def load_applied(path: str) -> DesiredState:
+    try:
+        with open(path, "rb") as f:
+            return decode(DesiredState, f.read())
+    except FileNotFoundError:
+        return DesiredState()
+    except (OSError, CodecError) as exc:
+        log.error("cannot read the state applied before (%s): starting from nothing", exc)
+        return DesiredState()
+
+
+def save_applied(path: str, desired: DesiredState) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(encode(desired))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class NodeAgent:
+    def __init__(self, store: Store, info: NodeInfo, agent, paths: Paths, ttl: float = LEASE_TTL):
+        self.store, self.info, self.agent, self.paths, self.ttl = store, info, agent, paths, ttl
+        self.node = info.name
+        self.state_path = os.path.join(paths.root, "applied.json")
+        self.keeper: LeaseKeeper | None = None
+        self.wanted: ClusterDoc | None = None
+        self.wanted_changed = asyncio.Event()
+        self.status_dirty = asyncio.Event()
+        self.reported: dict[str, dict] = {}
+        self.dns_options: DnsOptions | None = None
+        self.error: str | None = None
+        self.error_shown: str | None = None
+        sup = agent.sup
+        kick_dns = sup.on_change
+        sup.on_change = lambda: (kick_dns(), self.status_dirty.set())
+
+    # -- adoption ----------------------------------------------------------------------------
+    async def adopt(self) -> list[str]:
+        """Take over what a killed agent left: its applied state and its running tasks."""
+        applied = load_applied(self.state_path)
+        adopted = [name for name, task in applied.on_node(self.node).items()
+                   if await self.agent.sup.adopt(task)]
+        killed = kill_leftovers(self.agent.sup.log_dir, keep=set(adopted))
+        if killed:
+            log.warning("killed task processes this agent no longer knows: %s", killed)
+        self.agent.applied = applied
+        if applied.tasks:
+            log.info("adopted the state applied before: %d tasks here, %d running (%s)",
+                     len(applied.on_node(self.node)), len(adopted), ", ".join(adopted) or "none")
+        return adopted
+
+    # -- registration ------------------------------------------------------------------------
+    async def register(self) -> None:
+        self.keeper = LeaseKeeper(self.store, self.ttl)
+        await self.keeper.start()
+        await self._put_info()
+        self.reported = {}              # every report again, with the new lease
+        self.status_dirty.set()
+
+    async def _put_info(self) -> None:
+        info = replace(self.info, agent_pid=os.getpid(), error=self.error)
+        await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
+        self.error_shown = self.error
+
+    async def keep_registered(self) -> None:
+        while True:
+            await self.keeper.lost.wait()
+            log.warning("the node's lease was lost: registering again")
+            await self.keeper.stop(revoke=False)
+            while True:
+                try:
+                    await self.register()
+                    break
+                except (StoreError, OSError) as exc:
+                    log.warning("registering: %s", exc)
+                    await asyncio.sleep(RETRY)
+
+    # -- desired state -----------------------------------------------------------------------
+    async def watch(self) -> None:
+        async for kind, item in follow(self.store, DESIRED):
+            if kind == "snapshot":
+                kv = next((kv for kv in item if kv.key == DESIRED), None)
+                self._want(kv.value if kv else None)
+            elif item.kv.key == DESIRED:
+                self._want(item.kv.value if item.kind == "put" else None)
+
+    def _want(self, value: bytes | None) -> None:
+        try:
+            self.wanted = decode_doc(value) if value else ClusterDoc()
+        except CodecError as exc:
+            log.error("cannot read the desired state: %s", exc)
+            return
+        self.wanted_changed.set()
+
+    async def apply_loop(self) -> None:
+        while True:
+            await self.wanted_changed.wait()
+            self.wanted_changed.clear()
+            doc = self.wanted
+            options = doc.stack.dns if doc.stack else DnsOptions()
+            if doc.desired == self.agent.applied and options == self.dns_options and not self.error:
+                continue
+            await self._apply(doc.desired, options)
+            self.status_dirty.set()
+
+    async def _apply(self, desired: DesiredState, options: DnsOptions) -> None:
+        if self.agent.dns is not None:
+            self.agent.dns.configure(options)
+        self.dns_options = options
+        try:
+            await self.agent.apply(desired)
+        except Exception as exc:         # the agent restored the previous state; say so
+            log.exception("applying the desired state failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.error = None
+            await asyncio.to_thread(save_applied, self.state_path, desired)
+        if self.error != self.error_shown:          # the node record shows the last failure
+            try:
+                await self._put_info()
+            except (StoreError, OSError) as exc:
+                log.warning("updating the node record: %s", exc)
+
+    # -- task reports ------------------------------------------------------------------------
+    def _statuses(self) -> dict[str, dict]:
+        sup, out = self.agent.sup, {}
+        for name, task in self.agent.applied.on_node(self.node).items():
+            st = sup.status(name)
+            out[name] = {**{k: st[k] for k in REPORTED if k in st}, "id": task.id,
+                         "log": sup.log_path(name)}
+        return out
+
+    async def report_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.status_dirty.wait(), POLL)
+            except asyncio.TimeoutError:
+                pass
+            self.status_dirty.clear()
+            try:
+                await self._report()
+            except (StoreError, OSError) as exc:
+                log.warning("reporting task states: %s", exc)
+                self.status_dirty.set()
+                await asyncio.sleep(RETRY)
+
+    async def _report(self) -> None:
+        want = self._statuses()
+        for name, status in want.items():
+            if self.reported.get(name) != status:
+                await self.store.put(status_key(self.node, name), json.dumps(status).encode(),
+                                     lease=self.keeper.lease)
+                self.reported[name] = status
+        for name in [n for n in self.reported if n not in want]:
+            await self.store.delete(status_key(self.node, name))
+            del self.reported[name]
+
+    # -- the whole -----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.adopt()
+        await self.register()
+        jobs = [asyncio.ensure_future(j) for j in
+                (self.watch(), self.apply_loop(), self.report_loop(), self.keep_registered())]
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait([waiter, *jobs], return_when=asyncio.FIRST_COMPLETED)
+            for job in done:
+                if job is not waiter and job.exception():
+                    raise job.exception()
+        finally:
+            for job in jobs + [waiter]:
+                job.cancel()
+            await asyncio.gather(*jobs, waiter, return_exceptions=True)
+
+    async def leave(self) -> None:
+        """Remove everything this agent made, then its registration and reports."""
+        await self.agent.teardown()
+        if self.agent.dns is not None:
+            await self.agent.dns.resolver.close()
+        if os.path.exists(self.state_path):
+            os.unlink(self.state_path)
+        if self.keeper is not None:
+            await self.keeper.stop(revoke=True)
+
+
+def node_info(name: str, address: str, role: str, labels: list[str]) -> NodeInfo:
+    """The registration of this node; MeshError-free checks are done by the CLI."""
+    pairs = tuple(sorted(tuple(label.split("=", 1)) for label in labels))
+    routes = tuple(sorted({str(r) for r in Netlink().routes(None)}))
+    return NodeInfo(name=name, address=address, role=role, labels=pairs, netns=current_netns(),
+                    routes=routes)
+
+
+def build_agent(name: str, paths: Paths):
+    """This node's Agent, wired as the daemon wires a lab node's (mesh.daemon._agent), with this
+    namespace as its host namespace."""
+    from mesh import daemon
+    args = [None, name, Netlink(), NftCli(), paths]
+    if "lb" in inspect.signature(daemon._agent).parameters:     # the daemon picks a load balancer
+        args.append(daemon.resolve_choice("auto"))
+    return daemon._agent(*args)
+
+
+async def serve_agent(url: str, name: str, address: str, role: str, labels: list[str]) -> None:
+    paths = agent_paths(name)
+    os.makedirs(paths.root, exist_ok=True)
+    store = await connect(url, "agent", name)
+    info = await asyncio.to_thread(node_info, name, address, role, labels)
+    agent = await asyncio.to_thread(build_agent, name, paths)
+    node = NodeAgent(store, info, agent, paths)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    log.info("mesh agent %s (%s, namespace %s) joining %s", name, address, info.netns or "root", url)
+    try:
+        await node.run(stop)
+        log.info("mesh agent %s leaving: removing what it made", name)
+        await node.leave()
+    finally:                  # an error leaves the tasks running: a restarted agent adopts them
+        await store.close()

@@ -1,0 +1,357 @@
+"""The cluster's logic against the embedded store (MemoryStore, short leases): election and
+failover, the leader placing on registered nodes and re-placing when one's lease expires, standbys
+refusing changes, compare-and-swap between two would-be leaders, and a node agent registering,
+applying its part, reporting, adopting its saved state and leaving. No kernel: a fake Agent."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+
+import pytest
+
+from mesh.codec import ClusterDoc, NodeInfo, decode_doc, encode
+from mesh.election import Election
+from mesh.errors import Conflict
+from mesh.manager import ClusterController, cluster_routes, node_table, placement
+from mesh.nodeagent import NodeAgent, load_applied, save_applied
+from mesh.paths import Paths
+from mesh.spec import load_stack
+from mesh.state import DesiredState, TaskState
+from mesh.store import MemoryStore
+from mesh.storeops import DESIRED, LEADER, NODES, STATUS, LeaseKeeper
+
+TTL = 0.3
+STACK = """
+services:
+  web: {command: sleep 300, deploy: {replicas: 3}, networks: [front]}
+  mon: {command: sleep 300, deploy: {mode: global}, networks: [front]}
+  boss: {command: sleep 300, deploy: {placement: {constraints: ["node.role==manager"]}}}
+networks:
+  front: {}
+"""
+
+
+def run(coro_fn):
+    @functools.wraps(coro_fn)
+    def wrapper(*args, **kw):
+        asyncio.run(asyncio.wait_for(coro_fn(*args, **kw), 20))
+    return wrapper
+
+
+async def until(predicate, timeout: float = 5.0, what: str = "condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def info(name: str, i: int, role: str = "worker") -> NodeInfo:
+    return NodeInfo(name, f"10.97.0.{i}", role, netns=f"mesh-h-{name}", routes=("10.97.0.0/24",))
+
+
+class FakeNode:
+    """A node's registration: a kept-alive lease and its NodeInfo; crash() lets the lease lapse."""
+
+    def __init__(self, store, node: NodeInfo):
+        self.store, self.info = store, node
+        self.keeper = LeaseKeeper(store, TTL)
+
+    async def join(self):
+        await self.keeper.start()
+        await self.store.put(NODES + self.info.name, encode(self.info), lease=self.keeper.lease)
+        return self
+
+    async def crash(self):
+        await self.keeper.stop(revoke=False)
+
+
+class Manager:
+    def __init__(self, store, name):
+        self.ctl = ClusterController(store, name)
+        self.election = Election(store, name, ttl=TTL)
+        self.jobs = [asyncio.ensure_future(self.ctl.mirror()),
+                     asyncio.ensure_future(self.election.run(self.ctl.on_elected, self.ctl.on_deposed))]
+
+    async def crash(self):
+        for job in self.jobs:
+            job.cancel()
+        await asyncio.gather(*self.jobs, return_exceptions=True)
+
+
+def on(ctl, node):
+    return sorted(ctl.desired.on_node(node))
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+def test_node_table_marks_unregistered_nodes_down_and_keeps_them():
+    known = (info("n1", 1), info("n2", 2))
+    live = {"n2": info("n2", 2), "n3": info("n3", 3)}
+    table = node_table(known, live)
+    assert [(n.name, n.state) for n in table] == [("n1", "down"), ("n2", "ready"), ("n3", "ready")]
+    assert cluster_routes(table) == [__import__("ipaddress").ip_network("10.97.0.0/24")]
+
+
+def test_placement_avoids_down_nodes_and_names_sandboxes_after_node_namespaces():
+    stack = load_stack(STACK, name="s")
+    table = node_table((info("n1", 1, "manager"), info("n2", 2)), {"n2": info("n2", 2)})
+    p = placement(stack, DesiredState(), table)
+    assert {node for _, _, _, node in p.tasks} == {"n2"}
+    assert p.underlay == {"n2": "10.97.0.2"} and p.node_netns["n1"] == "mesh-h-n1"
+    assert [(s, t) for s, t, _ in p.pending] == [("boss", "boss.1")]
+
+
+# -- election -------------------------------------------------------------------------------------
+
+@run
+async def test_election_one_leads_resign_hands_over_and_a_crash_expires():
+    store = MemoryStore()
+    log = []
+
+    def candidate(name):
+        e = Election(store, name, ttl=TTL)
+
+        async def elected():
+            log.append(("elected", name))
+
+        async def deposed():
+            log.append(("deposed", name))
+        return e, asyncio.ensure_future(e.run(elected, deposed))
+
+    a, ta = candidate("a")
+    await until(lambda: a.leading, what="a leads")
+    b, tb = candidate("b")
+    await asyncio.sleep(TTL * 2)
+    assert not b.leading and await b.leader() == "a"
+    await a.resign()                                   # a steps down: b leads at once
+    await until(lambda: b.leading, timeout=TTL, what="b leads after a resigned")
+    await until(lambda: ("deposed", "a") in log, what="a deposed")
+    ta.cancel()
+    await asyncio.gather(ta, return_exceptions=True)
+    c, tc = candidate("c")
+    tb.cancel()                                        # b crashes: its lease lapses after TTL
+    await asyncio.gather(tb, return_exceptions=True)
+    await until(lambda: c.leading, timeout=TTL * 4, what="c leads after b's lease expired")
+    assert json.loads((await store.get(LEADER)).value)["name"] == "c"
+    tc.cancel()
+    await asyncio.gather(tc, return_exceptions=True)
+    await store.close()
+
+
+# -- the leading manager ------------------------------------------------------------------------
+
+@run
+async def test_leader_places_replaces_on_node_death_follows_joins_and_fails_over():
+    store = MemoryStore()
+    nodes = [await FakeNode(store, info(f"n{i}", i, "manager" if i == 1 else "worker")).join()
+             for i in (1, 2, 3)]
+    m1 = Manager(store, "m1")
+    await until(lambda: m1.ctl.leading and len(m1.ctl.doc.nodes) == 3, what="m1 leads, knows 3 nodes")
+    m2 = Manager(store, "m2")
+    stack = load_stack(STACK, name="s")
+    await m1.ctl.up(stack)
+    webs = {n: [t for t in on(m1.ctl, n) if t.startswith("web.")] for n in ("n1", "n2", "n3")}
+    assert all(len(w) == 1 for w in webs.values()), webs          # spread
+    assert "mon.n3" in on(m1.ctl, "n3") and "boss.1" in on(m1.ctl, "n1")
+    doc = decode_doc((await store.get(DESIRED)).value)
+    assert doc.desired == m1.ctl.desired and doc.stack == stack and doc.leader == "m1"
+    await until(lambda: m2.ctl.desired == m1.ctl.desired, what="the standby mirrors")
+    with pytest.raises(Conflict, match="standby.*the leader is m1"):
+        await m2.ctl.scale("web", 5)
+
+    moved = webs["n3"][0]
+    await nodes[2].crash()                              # n3 dies: its web task moves, mon.n3 goes
+    await until(lambda: not on(m1.ctl, "n3"), timeout=TTL * 5, what="n3's tasks moved")
+    assert moved in m1.ctl.desired.tasks and "mon.n3" not in m1.ctl.desired.tasks
+    assert [n["state"] for n in m1.ctl.node_list()] == ["ready", "ready", "down"]
+    task = m1.ctl.desired.tasks[moved]
+    assert task.node != "n3" and task.sandbox == f"mesh-h-{task.node}-{moved}"
+
+    await FakeNode(store, info("n4", 4)).join()         # a node joins: the global service follows
+    await until(lambda: "mon.n4" in m1.ctl.desired.tasks, what="mon.n4 placed")
+
+    await m1.crash()                                    # the leader dies: m2 takes over
+    await until(lambda: m2.ctl.leading, timeout=TTL * 5, what="m2 leads")
+    await m2.ctl.scale("web", 5)
+    assert {f"web.{i}" for i in range(1, 6)} <= set(m2.ctl.desired.tasks)
+    assert decode_doc((await store.get(DESIRED)).value).leader == "m2"
+    await m2.crash()
+    for n in nodes:
+        await n.crash()
+    await store.close()
+
+
+@run
+async def test_a_deposed_leader_cannot_overwrite_the_new_leaders_state():
+    store = MemoryStore()
+    await FakeNode(store, info("n1", 1)).join()
+    m1 = Manager(store, "m1")
+    await until(lambda: m1.ctl.leading, what="m1 leads")
+    await m1.ctl.up(load_stack(STACK, name="s"))
+    stale = ClusterController(store, "ghost")           # believes it leads, with an old revision
+    stale.leading = True
+    stale._load(ClusterDoc(), 0)
+    stale.live = dict(m1.ctl.live)
+    with pytest.raises(Conflict, match="changed by another manager"):
+        await stale.down()
+    assert stale.desired == m1.ctl.desired                # it re-read the truth
+    await m1.crash()
+    await store.close()
+
+
+# -- the node agent -------------------------------------------------------------------------------
+
+class FakeSup:
+    def __init__(self, log_dir, alive=()):
+        self.log_dir, self.alive = str(log_dir), set(alive)
+        self.runs: dict[str, str] = {}
+        self.on_change = lambda: None
+
+    async def adopt(self, task: TaskState) -> bool:
+        if task.name in self.alive:
+            self.runs[task.name] = "adopted"
+        return task.name in self.alive
+
+    def status(self, name):
+        return {"state": "running" if name in self.runs else "stopped", "pid": 4242,
+                "exit_code": None, "restarts": 0, "health": "none"}
+
+    def log_path(self, name):
+        return f"{self.log_dir}/{name}.log"
+
+
+class FakeAgent:
+    def __init__(self, node, sup):
+        self.node, self.sup, self.dns = node, sup, None
+        self.applied = DesiredState()
+        self.applies = []
+
+    async def apply(self, desired):
+        self.applies.append(desired)
+        for name in desired.on_node(self.node):
+            self.sup.runs.setdefault(name, "started")
+        for name in [n for n in self.sup.runs if n not in desired.on_node(self.node)]:
+            del self.sup.runs[name]
+        self.applied = desired
+
+    async def teardown(self):
+        await self.apply(DesiredState())
+
+
+def agent_setup(store, tmp_path, alive=()):
+    paths = Paths(str(tmp_path / "node-n1"))
+    (tmp_path / "node-n1" / "logs").mkdir(parents=True, exist_ok=True)
+    agent = FakeAgent("n1", FakeSup(tmp_path / "node-n1" / "logs", alive))
+    return NodeAgent(store, info("n1", 1), agent, paths, ttl=TTL), agent
+
+
+@run
+async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
+    store = MemoryStore()
+    stack = load_stack(STACK, name="s")
+    table = (info("n1", 1, "manager"), info("n2", 2))
+    from mesh.allocator import build_desired
+    desired = build_desired(stack, DesiredState(), [], None, cluster=placement(stack, DesiredState(), table))
+    node, agent = agent_setup(store, tmp_path)
+    stop = asyncio.Event()
+    job = asyncio.ensure_future(node.run(stop))
+    await until(lambda: node.keeper is not None and node.keeper.lease, what="registered")
+    registered = NodeInfo(**{**json.loads((await store.get(NODES + "n1")).value)})
+    assert registered.name == "n1" and registered.agent_pid
+    await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack)))
+    await until(lambda: agent.applied == desired, what="applied")
+    mine = sorted(desired.on_node("n1"))
+
+    async def reported():
+        items, _ = await store.list(STATUS)
+        return {kv.key.rsplit("/", 1)[1]: json.loads(kv.value) for kv in items}
+    for _ in range(200):
+        if sorted(await reported()) == mine:
+            break
+        await asyncio.sleep(0.01)
+    statuses = await reported()
+    assert sorted(statuses) == mine and statuses[mine[0]]["state"] == "running"
+    assert statuses[mine[0]]["id"] == desired.tasks[mine[0]].id
+    assert load_applied(node.state_path) == desired
+    n_applies = len(agent.applies)
+    await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack, serial=9)))
+    await asyncio.sleep(0.1)
+    assert len(agent.applies) == n_applies             # nothing of this node changed: no apply
+    stop.set()
+    await job
+    await node.leave()
+    assert await store.get(NODES + "n1") is None and not await reported()
+    assert agent.applied == DesiredState()
+    await store.close()
+
+
+@run
+async def test_node_agent_adopts_what_it_had_applied(tmp_path):
+    store = MemoryStore()
+    stack = load_stack(STACK, name="s")
+    from mesh.allocator import build_desired
+    desired = build_desired(stack, DesiredState(), [], None,
+                            cluster=placement(stack, DesiredState(), (info("n1", 1, "manager"),)))
+    node, agent = agent_setup(store, tmp_path, alive={"web.1", "boss.1"})
+    save_applied(node.state_path, desired)
+    adopted = await node.adopt()
+    assert sorted(adopted) == ["boss.1", "web.1"]
+    assert agent.applied == desired                    # the next apply diffs against it
+    assert agent.sup.runs == {"web.1": "adopted", "boss.1": "adopted"}
+    await store.close()
+
+
+# -- the supervisor re-attaches to a process it did not start (mesh.runtime) -----------------------
+
+def _spawn_task(log_dir, name: str, restart: str = "no"):
+    import subprocess
+    from mesh.runtime import start_time
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    (log_dir / f"{name}.pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
+    task = TaskState(name=name, id="x", service=name.split(".")[0], slot=1, netmode="host",
+                     sandbox=None, owns_sandbox=False, hostname="", restart=restart)
+    return proc, task
+
+
+@run
+async def test_supervisor_adopts_a_live_process_and_sees_it_exit(tmp_path):
+    import signal
+    from mesh.runtime import Supervisor, kill_leftovers
+    kept, task = _spawn_task(tmp_path, "web.1")
+    stray, _ = _spawn_task(tmp_path, "old.1")
+    (tmp_path / "gone.1.pid").write_text("999999999 123\n")       # a process long gone
+    sup = Supervisor(str(tmp_path), None)
+    changes = []
+    sup.on_change = lambda: changes.append(sup.status("web.1")["state"])
+    try:
+        assert await sup.adopt(task)
+        assert not await sup.adopt(TaskState(name="gone.1", id="y", service="gone", slot=1,
+                                             netmode="host", sandbox=None, owns_sandbox=False,
+                                             hostname=""))
+        assert sup.status("web.1")["state"] == "running" and sup.status("web.1")["pid"] == kept.pid
+        assert kill_leftovers(str(tmp_path), keep={"web.1"}) == [stray.pid]
+        await asyncio.to_thread(stray.wait, 5)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["web.1.pid"]
+        kept.send_signal(signal.SIGKILL)                  # it dies: restart "no" -> exited
+        await until(lambda: sup.status("web.1")["state"] == "exited", what="exit seen")
+        assert changes == ["exited"] and not (tmp_path / "web.1.pid").exists()
+    finally:
+        for p in (kept, stray):
+            p.kill()
+            p.wait()
+
+
+@run
+async def test_supervisor_stops_an_adopted_process(tmp_path):
+    from mesh.runtime import Supervisor
+    proc, task = _spawn_task(tmp_path, "web.1", restart="always")
+    sup = Supervisor(str(tmp_path), None)
+    try:
+        assert await sup.adopt(task)
+        await sup.stop("web.1", grace=2)
+        assert await asyncio.to_thread(proc.wait, 5) is not None and "web.1" not in sup.runs
+    finally:
+        proc.kill()
+        proc.wait()
