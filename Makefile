@@ -95,3 +95,10 @@ vm-assets:
 
 test-vm: venv vm-assets
 	$(PY) tests/vm/run.py $(VM_ARGS) -- $(VM_TESTS)
+
+# make bench-converge   the etcd cluster (separate manager and agent processes) following a change,
+#                       side by side with the one-daemon lab: scale to 10, node death, store round
+#                       trips per change (~1 min; bench/converge/README.md). BENCH_ARGS: run.py options
+.PHONY: bench-converge
+bench-converge: venv
+	PYTHONSAFEPATH=1 $(PY) bench/converge/run.py $(BENCH_ARGS)
