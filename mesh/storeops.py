@@ -157,18 +157,20 @@ class LeaseKeeper:
 
     async def _run(self, lease: int) -> None:
         renewed = time.monotonic()
+        pause = self.ttl / 3
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(pause)
             try:
-                await asyncio.wait_for(self.store.keepalive(lease), self.ttl / 2)
-                renewed = time.monotonic()
+                await asyncio.wait_for(self.store.keepalive(lease), self.ttl / 3)
+                renewed, pause = time.monotonic(), self.ttl / 3
             except LeaseExpired:
                 log.warning("lease %x expired", lease)
                 break
             except (StoreError, OSError, asyncio.TimeoutError) as exc:
-                log.warning("lease %x not renewed: %s", lease, exc)
+                log.warning("lease %x not renewed: %s", lease, repr(exc))
                 if time.monotonic() - renewed > self.ttl:
                     break
+                pause = 0.1                     # try again at once: the lease is running out
         self.lost.set()
 
     async def stop(self, revoke: bool = True) -> None:
