@@ -355,3 +355,28 @@ async def test_supervisor_stops_an_adopted_process(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- the daemons' command lines -------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["manager", "--store", "foo://x"], "--store foo://x: unknown store URL"),
+    (["manager", "--store", "etcd://"], "expected etcd://HOST:PORT"),
+    (["agent", "--store", "memory://", "--address", "10.0.0.1"], "separate manager and agent daemons share an etcd"),
+])
+def test_a_bad_store_url_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
+    from mesh.cli import main
+    monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_an_unreachable_etcd_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    from mesh.cli import main
+    from store_etcd import free_port
+    monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
+    url = f"etcd://127.0.0.1:{free_port()}"
+    assert main(["manager", "--store", url]) == 1
+    err = capsys.readouterr().err
+    assert f"--store {url}: etcd does not answer" in err, err
+    assert not list(tmp_path.rglob("api.sock"))          # nothing left listening
