@@ -12,7 +12,10 @@ Its host namespace is the one it runs in (host_netns None). It
   (built as the daemon builds a node's agent), which runs only this node's tasks; changes that
   arrive while an apply runs coalesce into the next one;
 - reports each task's state at /mesh/status/<name>/<task> (put with its lease, so a dead node's
-  reports vanish with it) whenever the supervisor sees a change;
+  reports vanish with it) whenever it changes: running, health, and whether it takes traffic
+  (mesh.readiness: ready, and the published ports it does not listen on yet);
+- watches the other nodes' reports: its balancers and DNS send traffic to a task of another node
+  only once that node reports it ready (in the one-daemon lab the controller tells every agent);
 - keeps the state it last applied in <run dir>/applied.json. After `kill -9` and a restart it
   loads that state as what it has applied, re-attaches to the task processes still running
   (pid files with their start time), and kills those it no longer knows; the first apply then
@@ -40,10 +43,12 @@ from mesh.netlink import Netlink
 from mesh.netns import NETNS_DIR
 from mesh.nft import NftCli
 from mesh.paths import Paths
+from mesh.readiness import Readiness
 from mesh.runtime import kill_leftovers
 from mesh.state import DesiredState
 from mesh.store import Store, StoreError
-from mesh.storeops import DESIRED, LEASE_TTL, NODES, LeaseKeeper, connect, follow, status_key
+from mesh.storeops import (DESIRED, LEASE_TTL, NODES, STATUS, LeaseKeeper, connect, follow,
+                            status_key)
 
 log = logging.getLogger("mesh.nodeagent")
 RETRY = 1.0
@@ -102,9 +107,12 @@ class NodeAgent:
         self.dns_options: DnsOptions | None = None
         self.error: str | None = None
         self.error_shown: str | None = None
-        sup = agent.sup
-        kick_dns = sup.on_change
-        sup.on_change = lambda: (kick_dns(), self.status_dirty.set())
+        self.remote: dict[tuple[str, str], dict] = {}     # other nodes' reports
+        # every kick of the agent (a task changed state, or started listening) is a report to
+        # send; and the agent learns other nodes' readiness from their reports, not from itself
+        sup, kick = agent.sup, agent.kick
+        sup.on_change = agent.kick = lambda: (kick(), self.status_dirty.set())
+        agent.readiness = self.readiness
 
     # -- adoption ----------------------------------------------------------------------------
     async def adopt(self) -> list[str]:
@@ -196,11 +204,61 @@ class NodeAgent:
     # -- task reports ------------------------------------------------------------------------
     def _statuses(self) -> dict[str, dict]:
         sup, out = self.agent.sup, {}
+        own = self.agent.own_readiness()
         for name, task in self.agent.applied.on_node(self.node).items():
             st = sup.status(name)
+            absent, targets = own.missing.get(name, ((), ()))
             out[name] = {**{k: st[k] for k in REPORTED if k in st}, "id": task.id,
-                         "log": sup.log_path(name)}
+                         "log": sup.log_path(name), "ready": name in own.ready,
+                         "missing": sorted(absent), "targets": sorted(targets)}
         return out
+
+    # -- other nodes' tasks ------------------------------------------------------------------
+    async def watch_reports(self) -> None:
+        """Mirror the other nodes' task reports; a change of who takes traffic kicks the agent
+        (its balancers and DNS follow)."""
+        async for kind, item in follow(self.store, STATUS):
+            before = self._remote_readiness()
+            if kind == "snapshot":
+                self.remote = {}
+                for kv in item:
+                    self._absorb_report(kv.key, kv.value)
+            else:
+                self._absorb_report(item.kv.key, item.kv.value if item.kind == "put" else None)
+            if self._remote_readiness() != before:
+                self.agent.kick()
+
+    def _absorb_report(self, key: str, value: bytes | None) -> None:
+        node, _, task = key[len(STATUS):].partition("/")
+        if node == self.node:
+            return
+        if value is None:
+            self.remote.pop((node, task), None)
+            return
+        try:
+            self.remote[(node, task)] = json.loads(value)
+        except ValueError:
+            log.error("ignoring the report %s", key)
+
+    def _remote_readiness(self) -> Readiness:
+        """Other nodes' tasks as their agents report them (a task not reported takes nothing)."""
+        out = Readiness()
+        for name, task in self.agent.applied.tasks.items():
+            st = self.remote.get((task.node, name)) if task.node != self.node else None
+            if not st or st.get("id") != task.id:
+                continue
+            if st.get("state") == "running":
+                out.alive.add(name)
+            if st.get("ready"):
+                out.ready.add(name)
+            if st.get("missing"):
+                out.missing[name] = (frozenset(st["missing"]), frozenset(st.get("targets", ())))
+        return out
+
+    def readiness(self) -> Readiness:
+        """Who takes traffic cluster-wide: this node's tasks as the agent sees them, the others'
+        as their agents report them (what the lab's controller computes from all its agents)."""
+        return self.agent.own_readiness().merge(self._remote_readiness())
 
     async def report_loop(self) -> None:
         while True:
@@ -232,7 +290,8 @@ class NodeAgent:
         await self.adopt()
         await self.register()
         jobs = [asyncio.ensure_future(j) for j in
-                (self.watch(), self.apply_loop(), self.report_loop(), self.keep_registered())]
+                (self.watch(), self.apply_loop(), self.report_loop(), self.keep_registered(),
+                 self.watch_reports())]
         waiter = asyncio.ensure_future(stop.wait())
         try:
             done, _ = await asyncio.wait([waiter, *jobs], return_when=asyncio.FIRST_COMPLETED)

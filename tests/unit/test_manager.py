@@ -227,6 +227,16 @@ class FakeAgent:
         self.node, self.sup, self.dns = node, sup, None
         self.applied = DesiredState()
         self.applies = []
+        self.kicks = 0
+        self.readiness = None
+
+    def kick(self):
+        self.kicks += 1
+
+    def own_readiness(self):
+        from mesh.readiness import Readiness
+        mine = {n for n in self.applied.on_node(self.node) if n in self.sup.runs}
+        return Readiness(ready=set(mine), alive=set(mine))
 
     async def apply(self, desired):
         self.applies.append(desired)
@@ -240,11 +250,11 @@ class FakeAgent:
         await self.apply(DesiredState())
 
 
-def agent_setup(store, tmp_path, alive=()):
-    paths = Paths(str(tmp_path / "node-n1"))
-    (tmp_path / "node-n1" / "logs").mkdir(parents=True, exist_ok=True)
-    agent = FakeAgent("n1", FakeSup(tmp_path / "node-n1" / "logs", alive))
-    return NodeAgent(store, info("n1", 1), agent, paths, ttl=TTL), agent
+def agent_setup(store, tmp_path, alive=(), node="n1"):
+    paths = Paths(str(tmp_path / f"node-{node}"))
+    (tmp_path / f"node-{node}" / "logs").mkdir(parents=True, exist_ok=True)
+    agent = FakeAgent(node, FakeSup(tmp_path / f"node-{node}" / "logs", alive))
+    return NodeAgent(store, info(node, int(node[1:])), agent, paths, ttl=TTL), agent
 
 
 @run
@@ -300,6 +310,32 @@ async def test_node_agent_adopts_what_it_had_applied(tmp_path):
     assert sorted(adopted) == ["boss.1", "web.1"]
     assert agent.applied == desired                    # the next apply diffs against it
     assert agent.sup.runs == {"web.1": "adopted", "boss.1": "adopted"}
+    await store.close()
+
+
+@run
+async def test_agents_learn_other_nodes_readiness_from_their_reports(tmp_path):
+    store = MemoryStore()
+    stack = load_stack(STACK, name="s")
+    from mesh.allocator import build_desired
+    table = (info("n1", 1, "manager"), info("n2", 2))
+    desired = build_desired(stack, DesiredState(), [], None, cluster=placement(stack, DesiredState(), table))
+    (a1, f1), (a2, f2) = agent_setup(store, tmp_path, node="n1"), agent_setup(store, tmp_path, node="n2")
+    assert f1.readiness == a1.readiness                  # the agent asks the node agent
+    stop = asyncio.Event()
+    jobs = [asyncio.ensure_future(a.run(stop)) for a in (a1, a2)]
+    await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack)))
+    theirs = set(desired.on_node("n2"))
+    await until(lambda: theirs <= a1.readiness().ready, what="n1 sees n2's tasks ready")
+    assert set(desired.on_node("n1")) <= a1.readiness().ready          # and its own
+    kicks = f1.kicks
+    gone = sorted(theirs)[0]
+    del f2.sup.runs[gone]                                # a task of n2 stops...
+    f2.sup.on_change()
+    await until(lambda: gone not in a1.readiness().ready, what="n1 sees it stop")
+    assert gone not in a1.readiness().alive and f1.kicks > kicks   # ...n1's balancers follow
+    stop.set()
+    await asyncio.gather(*jobs)
     await store.close()
 
 
