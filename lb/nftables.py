@@ -41,20 +41,23 @@ def service_rules(s: VirtualService) -> list[str]:
     if not active:
         return ["meta l4proto tcp reject with tcp reset", "reject"]
     rules = [f"meta mark set {MASQ_MARK:#x}"] if s.masquerade else []
+    # a fixed seed per service: every node and every rewrite sends a client to the same backend
+    seed = int.from_bytes(hashlib.blake2s(s.key.encode(), digest_size=4).digest(), "big")
     pick = "jhash ip saddr mod" if s.affinity else "numgen random mod"
+    seeded = f" seed {seed:#x}" if s.affinity else ""
     if s.port is None:       # every port: DNAT the address only
         if len(active) == 1:
             target = f"dnat to {active[0].address}"
         else:
             choices = ", ".join(f"{i} : {b.address}" for i, b in enumerate(active))
-            target = f"dnat to {pick} {len(active)} map {{ {choices} }}"
+            target = f"dnat to {pick} {len(active)}{seeded} map {{ {choices} }}"
     else:
         port = lambda b: b.port if b.port is not None else s.port
         if len(active) == 1:
             target = f"dnat to {active[0].address}:{port(active[0])}"
         else:
             choices = ", ".join(f"{i} : {b.address} . {port(b)}" for i, b in enumerate(active))
-            target = f"dnat ip addr . port to {pick} {len(active)} map {{ {choices} }}"
+            target = f"dnat ip addr . port to {pick} {len(active)}{seeded} map {{ {choices} }}"
     return rules + [f"meta l4proto {s.protocol} {target}"]
 
 

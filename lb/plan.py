@@ -81,9 +81,11 @@ def ingress_table(desired: DesiredState, rd: Readiness) -> Table:
         pairs = [(t.name, e.address) for t in desired.tasks.values() if t.service == pub.service
                  for e in t.endpoints if desired.networks[e.network].ingress]
         backends = _backends(pairs, rd, desired.draining, pub.target)
+        # UDP is masqueraded: a server on 0.0.0.0 would answer a kept client address from the
+        # address of its default route, which no conntrack entry maps back (Swarm masquerades all)
+        masquerade = pub.protocol == "udp" or not keeps_client_ip(desired, pub.service)
         services.append(VirtualService(INGRESS_LOCAL, pub.protocol, pub.published, backends,
-                                       affinity(desired, pub.service),
-                                       masquerade=not keeps_client_ip(desired, pub.service)))
+                                       affinity(desired, pub.service), masquerade=masquerade))
     return table_of(services)
 
 

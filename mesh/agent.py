@@ -33,6 +33,10 @@ log = logging.getLogger("mesh.agent")
 ETC_NETNS = "/etc/netns"
 
 
+def _udp_backends(publications) -> set[str]:
+    return {b for p in publications if p.protocol == "udp" for b in p.backends}
+
+
 def restart_key(t: TaskState) -> tuple:
     """What, when it changes, restarts a task's process."""
     return (t.command, t.environment, t.hostname, t.restart, t.sandbox, t.netmode, t.workdir,
@@ -56,6 +60,7 @@ class Agent:
         self.lb = lb if lb is not None else NftLb(nft)   # a mesh.lb LoadBalancer
         self.lb_tables: dict = {}        # namespace -> the Table last given to self.lb
         self.host_text: str | None = None    # the host table last applied
+        self.host_pubs: tuple = ()           # its publications
         self.returns: dict = {}          # task -> ReturnRoutes applied in its sandbox
         # () -> Readiness cluster-wide; the controller of a lab gives every agent the union of
         # all agents' own views; alone, tasks of other nodes count as ready
@@ -86,7 +91,11 @@ class Agent:
                 await self._apply(old, desired)
                 raise
             self.applied = desired
-        await self.sync_dataplane()
+        try:
+            await self.sync_dataplane()
+        except Exception:        # the change is made; DNS or a balancer lags: retried on the next kick
+            log.exception("data-plane sync after a change failed")
+            self.kick()
 
     # -- who takes traffic ----------------------------------------------------------------------
     def own_readiness(self) -> rd.Readiness:
@@ -104,12 +113,13 @@ class Agent:
 
     async def sync_dataplane(self) -> None:
         """DNS, balancers and the host's published ports follow the tasks' readiness."""
-        waiting = bool(self.own_readiness().missing)   # before the snapshot: a task that starts
-        readiness = self.readiness()                    # listening after this look is seen next time
-        if self.dns is not None:
-            await self.dns.sync(self.applied, readiness.ready - self.applied.draining)
         async with self.lock:
-            await asyncio.to_thread(self._sync_lb, self.applied, readiness)
+            waiting = bool(self.own_readiness().missing)   # before the snapshot: a task that starts
+            readiness = self.readiness()                    # listening after this look is seen next
+            applied = self.applied
+            await asyncio.to_thread(self._sync_lb, applied, readiness)
+        if self.dns is not None:
+            await self.dns.sync(applied, readiness.ready - applied.draining)
         if waiting:
             self._poll_soon()
         else:
@@ -149,20 +159,29 @@ class Agent:
                 log.exception("load-balancer resync of %s failed", netns)
 
     def _sync_lb(self, desired: DesiredState, readiness: rd.Readiness) -> None:
+        """Every balancer of this node, then the host table; one namespace failing (logged, and
+        repaired by the next sync or resync) does not hold the others back."""
         tables = build_balancers(desired, self.node, readiness)
         for netns in [n for n in self.lb_tables if n not in tables]:
-            self.lb.forget(netns)
+            self.lb_tables.pop(netns)
+            self._quietly(self.lb.forget, netns)
         for netns, table in tables.items():
             old = self.lb_tables.get(netns, {})
-            self.lb.apply(netns, table)
-            gone = removed_udp_backends(old, table)
-            if gone:
-                try:
-                    flush_udp_to(netns, gone)
-                except Exception:
-                    log.exception("conntrack flush in %s failed", netns)
-        self.lb_tables = tables
+            if self._quietly(self.lb.apply, netns, table):
+                self.lb_tables[netns] = table
+                gone = removed_udp_backends(old, table)
+                if gone:
+                    self._quietly(flush_udp_to, netns, gone)
         self._sync_host_table(desired, readiness)
+
+    @staticmethod
+    def _quietly(call, *args) -> bool:
+        try:
+            call(*args)
+            return True
+        except Exception:
+            log.exception("%s%s failed", getattr(call, "__name__", call), args[:1])
+            return False
 
     def _sync_host_table(self, desired: DesiredState, readiness: rd.Readiness) -> None:
         view = self._local(desired, readiness)
@@ -170,7 +189,11 @@ class Agent:
             render_delete_table() if self.host_text is not None else None)
         if text is not None and text != self.host_text:
             self.nft.apply(self.host, text)
+            gone = _udp_backends(self.host_pubs) - _udp_backends(view.publications)
+            if gone:         # flows DNAT'd to a backend that left go to one that is there
+                self._quietly(flush_udp_to, self.host, gone)
         self.host_text = text if view.networks else None
+        self.host_pubs = view.publications
 
     async def _apply(self, desired: DesiredState, old: DesiredState) -> None:
         mine, was_mine = desired.on_node(self.node), old.on_node(self.node)
@@ -296,6 +319,8 @@ class Agent:
         for net, ep in old_eps.items():
             if new_eps.get(net) != ep:
                 self.nl.delete_link(task.sandbox, ep.ifname)
+                if desired.networks.get(net) is None or desired.networks[net].ingress:
+                    self.returns.pop(task.name, None)    # its routes went with the interface
         for net, ep in new_eps.items():
             if old_eps.get(net) != ep:
                 self._add_endpoint(task.sandbox, ep, desired.networks[net])
@@ -305,14 +330,21 @@ class Agent:
     def _sync_return_routes(self, task: TaskState, desired: DesiredState) -> None:
         """Replies to clients of the routing mesh go back through the ingress namespace that sent
         the request (the client's address is kept; mesh.lb.plan.return_routes)."""
-        new, old = return_routes(desired, task), self.returns.get(task.name)
-        if new == old:
+        new, old = return_routes(desired, task), self.returns.pop(task.name, None)
+        if new == old and new is not None:
+            self.returns[task.name] = new
             return
+        if new is None and old is None:
+            return
+        if new is not None:      # replies come in on the ingress interface from anywhere
+            self.nl.sysctl(task.sandbox, "net.ipv4.conf.all.rp_filter", "0")
+            self.nl.sysctl(task.sandbox, f"net.ipv4.conf.{new.ifname}.rp_filter", "0")
         self.nft.apply(task.sandbox, render_return_table(new))
         ifname = (new or old).ifname
         self.nl.set_policy_routes(task.sandbox, ifname, new.routes if new else (),
                                   old.routes if old else ())
-        self.returns[task.name] = new
+        if new is not None:
+            self.returns[task.name] = new
 
     def _add_endpoint(self, sandbox: str, ep: EndpointState, net: NetworkState) -> None:
         if net.bridged:
@@ -336,6 +368,8 @@ class Agent:
         self.returns.pop(task.name, None)
         if not task.owns_sandbox or not task.sandbox:
             return
+        if self.lb_tables.pop(task.sandbox, None) is not None:
+            self.lb.forget(task.sandbox)        # a sandbox made again under this name starts clean
         for ep in task.endpoints:
             self.nl.delete_link(self.host, ep.link)
         self.nl.delete_netns(task.sandbox)

@@ -40,6 +40,9 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
                   connections: tuple[tuple[str, str], ...] = (),
                   disconnections: tuple[tuple[str, str], ...] = (),
                   cluster: ClusterPlacement | None = None) -> DesiredState:
+    if INGRESS_NETWORK in stack.networks:
+        raise AllocationError(f"networks.{INGRESS_NETWORK}: the name '{INGRESS_NETWORK}' is reserved "
+                              f"for the cluster's routing mesh (ports published in ingress mode)")
     networks = _build_networks(stack, previous, routes, host_netns, cluster is not None)
     if cluster and _wants_ingress(stack):
         networks = _with_ingress_network(stack, networks, previous, routes, host_netns)
@@ -82,9 +85,6 @@ def _wants_ingress(stack: Stack) -> bool:
 def _with_ingress_network(stack: Stack, networks, previous: DesiredState, routes,
                           host_netns: str | None) -> dict[str, NetworkState]:
     """The routing mesh's overlay: no gateway (nothing routes through it), no names, its own VNI."""
-    if INGRESS_NETWORK in stack.networks:
-        raise AllocationError(f"networks.{INGRESS_NETWORK}: the name '{INGRESS_NETWORK}' is reserved "
-                              f"for the cluster's routing mesh (ports published in ingress mode)")
     taken = {n: ip_network(net.subnet) for n, net in networks.items()}
     state = _network_state(Network(INGRESS_NETWORK, driver="overlay"),
                            previous.networks.get(INGRESS_NETWORK), taken, routes, host_netns, True)

@@ -21,7 +21,7 @@ from mesh.readiness import Readiness, established_connections
 from mesh.state import DesiredState, TaskState
 
 DRAIN_TIMEOUT = 10.0         # seconds a leaving task may finish its connections (x-mesh: drain_timeout)
-READY_TIMEOUT = 30.0         # a rolling restart goes on after this even if the task is not ready
+READY_TIMEOUT = 30.0         # a rolling update pauses when a replaced task is not ready by then
 DRAIN_SETTLE = 0.3           # connections already on their way when the balancers let go of it
 
 
@@ -32,6 +32,7 @@ class Controller:
         self.host = host_netns
         self.placer = placer                 # (stack, previous) -> ClusterPlacement, or None
         self.lb_name = "nftables"            # which load balancer the agents use (for the API)
+        self.changing = asyncio.Lock()
         self.extra_routes = list(extra_routes)
         self.desired = DesiredState()
         self.stack: Stack | None = None
@@ -72,14 +73,25 @@ class Controller:
                                        return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            if len(self.agents) > 1:
-                await asyncio.gather(*(a.apply(self.desired) for a in self.agents.values()),
-                                     return_exceptions=True)
+            await self._restore()
             raise failed[0]
         if len(self.agents) > 1:
             self.kick()          # each agent synced with the others' tasks as they were mid-change
 
+    async def _restore(self) -> None:
+        """Every agent back to the last recorded state (also undoes a drain that was under way)."""
+        await asyncio.gather(*(a.apply(self.desired) for a in self.agents.values()),
+                             return_exceptions=True)
+
     async def _build_and_apply(self, stack: Stack, conns, disconns) -> DesiredState:
+        async with self.changing:        # one change at a time: each builds on the last
+            try:
+                return await self._change(stack, conns, disconns)
+            except Exception:
+                await self._restore()
+                raise
+
+    async def _change(self, stack: Stack, conns, disconns) -> DesiredState:
         cluster = self.placer(stack, self.desired) if self.placer else None
         desired = build_desired(stack, self.desired, await self._routes(), self.host,
                                 conns, disconns, cluster)
@@ -97,7 +109,14 @@ class Controller:
                 await self._drain(frozenset([name]))
                 await self._apply_all(step)
                 self.desired = step
-                await self._until_ready(name)
+                if not await self._until_ready(name):
+                    # Swarm's failure_action "pause": the other tasks keep the old definition
+                    self.stack, self.connections, self.disconnections = stack, conns, disconns
+                    raise Conflict(f"update paused: task '{name}' did not become ready with the new "
+                                   f"definition ({self.status(name).get('state')}, health "
+                                   f"{self.status(name).get('health', 'none')}); the other tasks "
+                                   f"keep the old one. Fix the stack and run mesh up again "
+                                   f"(mesh logs {name} may say why)")
         await self._drain(self._leaving(desired))
         await self._apply_all(desired)
         self.desired = desired
@@ -113,13 +132,16 @@ class Controller:
                 if n in desired.tasks and desired.tasks[n].node == old.node
                 and restart_key(desired.tasks[n]) != restart_key(old)]
 
-    async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> None:
+    async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline and not self.readiness().takes(task):
+        while loop.time() < deadline:
+            if self.readiness().takes(task):
+                return True
             if self.status(task).get("state") == "exited":
-                return           # it will not become ready; the change goes on (mesh ps shows it)
+                return False
             await asyncio.sleep(0.05)
+        return False
 
     def _leaving(self, desired: DesiredState) -> frozenset[str]:
         """Running tasks the change stops: removed, moved to another node, or restarted."""
@@ -234,6 +256,7 @@ class Controller:
                 await asyncio.to_thread(agent.resync_lb)
 
     async def down(self) -> None:
-        await asyncio.gather(*(a.teardown() for a in self.agents.values()))
-        self.desired = DesiredState()
-        self.stack, self.connections, self.disconnections = None, (), ()
+        async with self.changing:
+            await asyncio.gather(*(a.teardown() for a in self.agents.values()))
+            self.desired = DesiredState()
+            self.stack, self.connections, self.disconnections = None, (), ()

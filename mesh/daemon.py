@@ -34,7 +34,18 @@ from mesh.views import network_list, service_list, task_view
 
 log = logging.getLogger("mesh.daemon")
 STATUS = {NotFound: 404, Conflict: 409}
-RESYNC_INTERVAL = float(os.environ.get("MESH_LB_RESYNC", "60"))   # seconds between full resyncs
+
+
+def _resync_interval(text: str) -> float:
+    """MESH_LB_RESYNC: seconds between full resyncs of the balancers (0.5 at least; default 60)."""
+    try:
+        return max(float(text), 0.5)
+    except ValueError:
+        log.warning("MESH_LB_RESYNC=%r is not a number of seconds: using 60", text)
+        return 60.0
+
+
+RESYNC_INTERVAL = _resync_interval(os.environ.get("MESH_LB_RESYNC", "60"))
 
 
 @web.middleware

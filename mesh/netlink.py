@@ -31,7 +31,7 @@ def _ipr(netns: str | None) -> IPRoute:
 
 
 NUD_PERMANENT = 0x80
-EEXIST, ENOENT, ENODEV = 17, 2, 19
+EEXIST, ENOENT, ENODEV, ESRCH = 17, 2, 19, 3
 
 
 def _quiet(call, *args, **kwargs) -> None:
@@ -39,7 +39,7 @@ def _quiet(call, *args, **kwargs) -> None:
     try:
         call(*args, **kwargs)
     except NetlinkError as exc:
-        if exc.code not in (EEXIST, ENOENT, ENODEV):
+        if exc.code not in (EEXIST, ENOENT, ENODEV, ESRCH):
             raise
 
 

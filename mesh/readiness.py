@@ -49,9 +49,13 @@ def _ipv4_of(hex_address: str) -> str | None:
 
 
 def established_connections(pid: int, addresses: set[str]) -> int:
-    """Accepted or accepting TCP connections on any of `addresses` in the namespace of `pid`."""
-    return sum(1 for address, _, state in _sockets(pid)
-               if state in (TCP_ESTABLISHED, TCP_SYN_RECV) and _ipv4_of(address) in addresses)
+    """Connections the task serves: accepted or being accepted on one of its listening ports, on
+    any of `addresses`, in the namespace of `pid` (its own outgoing connections do not count)."""
+    sockets = list(_sockets(pid))
+    listening = {port for _, port, state in sockets if state == TCP_LISTEN}
+    return sum(1 for address, port, state in sockets
+               if state in (TCP_ESTABLISHED, TCP_SYN_RECV) and port in listening
+               and _ipv4_of(address) in addresses)
 
 
 @dataclass

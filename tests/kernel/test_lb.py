@@ -69,8 +69,8 @@ def answers(url: str, netns: str, count: int) -> list[str]:
 
 def udp_ask(netns: str, address: str, port: int, source_port: int = 0) -> str:
     code = ("import socket;s=socket.socket(2,2);s.settimeout(2);"
-            f"s.bind(('0.0.0.0',{source_port}));s.sendto(b'x',('{address}',{port}));"
-            "print(s.recv(100).decode())")
+            f"s.bind(('0.0.0.0',{source_port}));s.connect(('{address}',{port}));s.send(b'x');"
+            "print(s.recv(100).decode())")     # connected: a reply from another address is refused
     for _ in range(20):
         proc = sh([SYSTEM_PYTHON, "-c", code], netns, check=False)
         if proc.returncode == 0:

@@ -22,7 +22,8 @@ def test_affinity_hashes_the_client_address_and_draining_backends_take_nothing_n
     s = VirtualService("10.0.1.2", "tcp", 80, (Backend("a", 80), Backend("b", 80, 0), Backend("c", 80)),
                        affinity=True)
     [rule] = service_rules(s)
-    assert "jhash ip saddr mod 2" in rule and " b " not in rule
+    assert "jhash ip saddr mod 2 seed 0x" in rule and " b " not in rule
+    assert service_rules(s) == [rule]                 # the same seed on every node and rewrite
 
 
 def test_no_active_backend_rejects_at_once():

@@ -80,3 +80,12 @@ def test_tasks_reached_through_ingress_route_replies_back_by_connmark():
     assert f'iifname "{rr.ifname}" ct state new ct mark set ether saddr map' in text
     assert return_routes(d, d.tasks["masq.1"]) is None          # it masquerades: no return route
     assert return_routes(d, d.tasks["db.1"]) is None            # host mode only: no ingress endpoint
+
+
+def test_the_ingress_network_name_is_reserved_on_every_host():
+    import pytest
+    from mesh.errors import AllocationError
+    text = json.dumps({"services": {"a": {"command": "x", "networks": ["ingress"]}},
+                       "networks": {"ingress": {}}})
+    with pytest.raises(AllocationError, match="networks.ingress: the name 'ingress' is reserved"):
+        build_desired(load_stack(text, name="s"), DesiredState(), [], "h")
