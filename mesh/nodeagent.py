@@ -20,6 +20,7 @@ Its host namespace is the one it runs in (host_netns None). It
   loads that state as what it has applied, re-attaches to the task processes still running
   (pid files with their start time), and kills those it no longer knows; the first apply then
   changes only what differs, so running tasks keep their PIDs and nothing is made twice.
+- rewrites its balancers whole every MESH_LB_RESYNC seconds (60), as the daemon does;
 - on SIGTERM/SIGINT: removes everything it made and revokes its lease (the node leaves at once).
 
 In a lab, start it inside the node's network namespace with `nsenter --net=/run/netns/NODE`, not
@@ -285,13 +286,19 @@ class NodeAgent:
             await self.store.delete(status_key(self.node, name))
             del self.reported[name]
 
+    async def resync(self) -> None:
+        """The balancers' periodic repair, as the daemon's (mesh.daemon.resync_forever calls it)."""
+        async with self.agent.lock:
+            await asyncio.to_thread(self.agent.resync_lb)
+
     # -- the whole -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        from mesh.daemon import resync_forever
         await self.adopt()
         await self.register()
         jobs = [asyncio.ensure_future(j) for j in
                 (self.watch(), self.apply_loop(), self.report_loop(), self.keep_registered(),
-                 self.watch_reports())]
+                 self.watch_reports(), resync_forever(self))]
         waiter = asyncio.ensure_future(stop.wait())
         try:
             done, _ = await asyncio.wait([waiter, *jobs], return_when=asyncio.FIRST_COMPLETED)
