@@ -117,7 +117,9 @@ def _print_summary(api: Api, lab: int) -> None:
 
 def cmd_down(args, api: Api) -> int:
     if api.running():
-        api.call("POST", "/v1/down")
+        status, data = api.call("POST", "/v1/down")
+        if status >= 300:
+            raise MeshError(data["error"] if isinstance(data, dict) else str(data))
         api.wait_gone()
         print("mesh: stack removed, daemon stopped")
     else:

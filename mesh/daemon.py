@@ -145,12 +145,13 @@ def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None)
     return app
 
 
-def _agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Paths, lb: str) -> Agent:
+def node_agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Paths,
+               lb: str = "auto") -> Agent:
     """One node's agent with its own resolver (upstream sockets made in that node's namespace)
-    and its own load balancer."""
+    and its own load balancer (`lb`: auto, ipvs or nftables). mesh agent builds its own the same way."""
     resolver = Resolver(socket_factory=HostSockets(host))
     dns = DnsAgent(host, resolver, nft, upstream_servers(host_resolv(host)), node=node)
-    return Agent(host, nl, nft, Supervisor(paths.logs, host), dns, node=node, lb=make_lb(lb, nft))
+    return Agent(host, nl, nft, Supervisor(paths.logs, host), dns, node=node, lb=make_lb(resolve_choice(lb), nft))
 
 
 def compose(host_netns: str | None, nodes: int, paths: Paths, lb: str = "auto"):
@@ -158,12 +159,12 @@ def compose(host_netns: str | None, nodes: int, paths: Paths, lb: str = "auto"):
     nl, nft = Netlink(), NftCli()
     lb = resolve_choice(lb)
     if not nodes:
-        ctl = Controller([_agent(host_netns, "", nl, nft, paths, lb)], nl, host_netns)
+        ctl = Controller([node_agent(host_netns, "", nl, nft, paths, lb)], nl, host_netns)
         ctl.lb_name = lb
         return ctl, [], lambda: None
     made_host = bool(host_netns) and not nl.netns_exists(host_netns)
     lab = make_lab(host_netns, nodes, nl)
-    agents = [_agent(n.netns, n.name, nl, nft, paths, lb) for n in lab]
+    agents = [node_agent(n.netns, n.name, nl, nft, paths, lb) for n in lab]
     ctl = Controller(agents, nl, host_netns, placer=lab_placer(lab), extra_routes=[UNDERLAY_NET])
     ctl.lb_name = lb
 

@@ -47,6 +47,7 @@ def make_lab(host_netns: str | None, count: int, nl: Netlink | None = None) -> l
         nl.add_veth_endpoint(host_netns, BRIDGE, f"mhl{i}",
                              node.netns, "eth0", node.address, UNDERLAY_PREFIX, None)
         nl.sysctl(node.netns, "net.ipv4.ip_forward", "1")
+    nl.pin_mac(host_netns, BRIDGE)
     return nodes
 
 

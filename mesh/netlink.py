@@ -152,6 +152,14 @@ class Netlink:
             ipr.brport("set", index=index, mode=1)   # IFLA_BRPORT_MODE: hairpin
         self._configure(sandbox, ifname, address, prefixlen, gateway, mtu)
 
+    def pin_mac(self, netns: str | None, ifname: str) -> None:
+        """Set a bridge's MAC to the one it has now: a bridge otherwise takes the lowest MAC of its
+        ports, so a port leaving (a lab node dying) would change it under its neighbours' ARP."""
+        with _ipr(netns) as ipr:
+            index = _index(ipr, ifname)
+            mac = ipr.get_links(index)[0].get("address")
+            ipr.link("set", index=index, address=mac)
+
     def add_uplink(self, host: str | None, host_if: str, host_address: str, sandbox: str,
                    ifname: str, address: str, prefixlen: int) -> None:
         """A routed veth pair between `host` and `sandbox`, addressed on both ends; the sandbox's

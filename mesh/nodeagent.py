@@ -31,7 +31,6 @@ Its files: MESH_RUN_DIR (default /run/mesh) / node-<name> / applied.json, logs/<
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import os
@@ -330,13 +329,10 @@ def node_info(name: str, address: str, role: str, labels: list[str]) -> NodeInfo
 
 
 def build_agent(name: str, paths: Paths):
-    """This node's Agent, wired as the daemon wires a lab node's (mesh.daemon._agent), with this
-    namespace as its host namespace."""
+    """This node's Agent, wired as the daemon wires a lab node's (mesh.daemon.node_agent), with
+    this namespace as its host namespace and the load balancer MESH_LB names (auto by default)."""
     from mesh import daemon
-    args = [None, name, Netlink(), NftCli(), paths]
-    if "lb" in inspect.signature(daemon._agent).parameters:     # the daemon picks a load balancer
-        args.append(daemon.resolve_choice("auto"))
-    return daemon._agent(*args)
+    return daemon.node_agent(None, name, Netlink(), NftCli(), paths, os.environ.get("MESH_LB", "auto"))
 
 
 async def serve_agent(url: str, name: str, address: str, role: str, labels: list[str]) -> None:

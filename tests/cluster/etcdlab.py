@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from mesh.lab import BRIDGE, HOST_ADDRESS, make_lab, remove_lab
+from mesh.lab import HOST_ADDRESS, make_lab, remove_lab
 from mesh.netlink import Netlink
 from mesh.runtime import kill_leftovers
 
@@ -33,14 +33,6 @@ from store_etcd import EtcdServer
 def enter(netns: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{netns}"]
 
-
-def pin_bridge_mac(host: str) -> None:
-    """Give the underlay bridge its MAC address explicitly. A Linux bridge otherwise takes the
-    lowest MAC of its ports, so removing a node's port (node death) can change the MAC of
-    10.97.0.254 under the other nodes' ARP caches, cutting them off etcd for seconds (measured:
-    their leases expired)."""
-    mac = sh(["cat", f"/sys/class/net/{BRIDGE}/address"], host).stdout.strip()
-    sh(["ip", "link", "set", BRIDGE, "address", mac], host)
 
 
 class NetnsEtcd(EtcdServer):
@@ -88,7 +80,6 @@ class EtcdLab:
     def __enter__(self) -> "EtcdLab":
         try:
             self.nodes = make_lab(self.host, self.count, self.nl)
-            pin_bridge_mac(self.host)
             self.etcd = NetnsEtcd(self.tmp / "etcd", self.host)
             self.etcd.start()
         except BaseException:
