@@ -26,7 +26,6 @@ from mesh.lab import HOST_ADDRESS, make_lab, remove_lab
 from mesh.netlink import Netlink
 from mesh.runtime import kill_leftovers
 
-from labkit import sh                  # tests/ is on sys.path (pytest's pythonpath; bench adds it)
 from store_etcd import EtcdServer
 
 
