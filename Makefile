@@ -102,3 +102,21 @@ test-vm: venv vm-assets
 .PHONY: bench-converge
 bench-converge: venv
 	PYTHONSAFEPATH=1 $(PY) bench/converge/run.py $(BENCH_ARGS)
+
+# make bench-lb    the kernel load balancer side by side with its anchors (~5 min; bench/lb/README.md):
+#                  programming time of nftables vs kube-proxy-style iptables-restore (1k/10k services),
+#                  wrk through the routing mesh of a 3-node lab vs straight to the tasks vs haproxy.
+#                  Installs iptables, wrk and haproxy if missing. BENCH_LB_ARGS=--quick: a ~2 min smoke run
+BENCH_LB_APT := iptables wrk haproxy curl
+.PHONY: bench-lb
+bench-lb: venv
+	@missing=$$(for p in $(BENCH_LB_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-cache show $$missing >/dev/null 2>&1 || apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if echo "$$missing" | grep -qw haproxy; then \
+	    systemctl disable --now haproxy >/dev/null 2>&1 || true; \
+	  fi; \
+	fi
+	PYTHONSAFEPATH=1 $(PY) bench/lb/run.py $(BENCH_LB_ARGS)
