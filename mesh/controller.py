@@ -11,6 +11,7 @@ an agent is undone everywhere by applying the previous state again.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 from mesh.agent import restart_key
@@ -20,6 +21,7 @@ from mesh.model import DnsOptions, Stack
 from mesh.readiness import Readiness, established_connections
 from mesh.state import DesiredState, TaskState
 
+log = logging.getLogger("mesh.controller")
 DRAIN_TIMEOUT = 10.0         # seconds a leaving task may finish its connections (x-mesh: drain_timeout)
 READY_TIMEOUT = 30.0         # a rolling update pauses when a replaced task is not ready by then
 DRAIN_SETTLE = 0.3           # connections already on their way when the balancers let go of it
@@ -69,19 +71,23 @@ class Controller:
         return await asyncio.to_thread(self.nl.routes, self.host) + self.extra_routes
 
     async def _apply_all(self, desired: DesiredState) -> None:
+        """One step of a change: every node applies `desired` (raises if one fails; the caller
+        restores). The one place a change reaches the nodes: a cluster on a store overrides it
+        (mesh.manager.ClusterController) and inherits draining, rolling replacement and restore."""
         results = await asyncio.gather(*(a.apply(desired) for a in self.agents.values()),
                                        return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            await self._restore()
             raise failed[0]
         if len(self.agents) > 1:
             self.kick()          # each agent synced with the others' tasks as they were mid-change
 
     async def _restore(self) -> None:
-        """Every agent back to the last recorded state (also undoes a drain that was under way)."""
-        await asyncio.gather(*(a.apply(self.desired) for a in self.agents.values()),
-                             return_exceptions=True)
+        """Every node back to the last recorded state (also undoes a drain that was under way)."""
+        try:
+            await self._apply_all(self.desired)
+        except Exception:
+            log.exception("restoring the last recorded state failed")
 
     async def _build_and_apply(self, stack: Stack, conns, disconns) -> DesiredState:
         async with self.changing:        # one change at a time: each builds on the last

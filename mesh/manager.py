@@ -15,6 +15,19 @@ ONE key, /mesh/desired (mesh.codec.ClusterDoc: the desired state of every node, 
 node table), by compare-and-swap on its previous revision. Agents watch that key; each applies its
 node's part and reports task state under /mesh/status/<node>/<task>, which the API shows.
 
+A change goes through mesh.controller.Controller's steps as in the one-daemon lab — leaving tasks
+drained first, changed tasks replaced one at a time (each back in the balancers once ready), one
+change at a time, the last state written back when a step fails — because each step is one write
+of /mesh/desired (ClusterController._apply_all) followed by a wait, bounded by MESH_APPLY_TIMEOUT
+(30 s), until every registered node's reports show it applied: its tasks reported with their ids,
+a restarted task reported with a new start, a removed task's report gone. A step that only drains
+(balancers, DNS: nothing a report shows) waits MESH_APPLY_SETTLE (1 s) instead. A task restarting
+is written draining first and back once reported anew, so no other node balances to it on its old
+report. Readiness and task states come from the reports; whether a draining task still serves
+connections is read from its process when its node is on this machine (a lab), otherwise its
+drain timeout (x-mesh: drain_timeout, 10 s) runs out. A node that reports an error while applying
+fails the step: the last state is written back.
+
 `mesh down` removes the stack (the agents tear down what they made), waits for the agents to
 report nothing left, and stops this manager, as `mesh down` stops the daemon.
 """
@@ -31,13 +44,16 @@ from ipaddress import ip_network
 import aiohttp
 from aiohttp import web
 
-from mesh.allocator import ClusterPlacement, build_desired
+from mesh.agent import restart_key
+from mesh.allocator import ClusterPlacement
 from mesh.codec import ClusterDoc, CodecError, NodeInfo, decode, decode_doc, encode
 from mesh.controller import Controller
 from mesh.daemon import build_app
 from mesh.election import Election
 from mesh.errors import Conflict, MeshError
+from mesh.netns import NETNS_DIR
 from mesh.paths import Paths
+from mesh.readiness import Readiness
 from mesh.scheduler import Node, schedule
 from mesh.state import DesiredState
 from mesh.store import CasFailed, KeyValue, Store
@@ -46,6 +62,8 @@ from mesh.storeops import DESIRED, LEADER, NODES, PREFIX, STATUS, connect, follo
 log = logging.getLogger("mesh.manager")
 DOWN_TIMEOUT = 60.0
 UNREPORTED = {"state": "assigned", "pid": None, "exit_code": None, "restarts": 0}
+APPLY_TIMEOUT = float(os.environ.get("MESH_APPLY_TIMEOUT", "30"))   # a step's wait for the reports
+APPLY_SETTLE = float(os.environ.get("MESH_APPLY_SETTLE", "1"))      # a drain-only step's wait
 
 
 def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> ClusterPlacement:
@@ -75,11 +93,15 @@ def cluster_routes(table: tuple[NodeInfo, ...]) -> list:
 
 
 class ClusterController(Controller):
-    """mesh.controller.Controller's checks and changes; the result goes to the store, not to agents."""
+    """mesh.controller.Controller's checks and changes (drain, rolling replacement, restore); each
+    step goes to the store, and what the agents report comes back as readiness and task states."""
 
     def __init__(self, store: Store, name: str):
         # host None: names the manager derives (bridge links) must not depend on which manager leads
-        super().__init__([], None, None)
+        super().__init__([], None, None, placer=self._place)
+        self.apply_timeout, self.apply_settle = APPLY_TIMEOUT, APPLY_SETTLE
+        self._next: tuple | None = None          # (stack, conns, disconns, node table) of a change
+        self._superseded = False                 # another manager wrote: nothing to restore
         self.store, self.name = store, name
         self.leading = False
         self.leader_name: str | None = None
@@ -124,7 +146,11 @@ class ClusterController(Controller):
                 if not present:
                     self._load(ClusterDoc(), 0)
                 elif kv.mod_revision > self.doc_rev:
-                    self._load(decode_doc(kv.value), kv.mod_revision)
+                    doc = decode_doc(kv.value)
+                    # the leader's own step (seen before its put returned): the change under way
+                    # keeps its own record (a step's state is not the recorded one)
+                    if not (self.leading and doc.leader == self.name):
+                        self._load(doc, kv.mod_revision)
             elif key == LEADER:
                 self.leader_name = decode(dict[str, object], kv.value).get("name") if present else None
         except CodecError as exc:
@@ -156,9 +182,9 @@ class ClusterController(Controller):
         """Nodes changed: re-place soon; a burst of changes coalesces into one write."""
         self._dirty = True
         if self._kick is None or self._kick.done():
-            self._kick = asyncio.get_running_loop().create_task(self._drain())
+            self._kick = asyncio.get_running_loop().create_task(self._replace_soon())
 
-    async def _drain(self) -> None:
+    async def _replace_soon(self) -> None:
         while self._dirty:
             self._dirty = False
             try:
@@ -171,7 +197,9 @@ class ClusterController(Controller):
             if not self.leading:
                 return
             table = node_table(self.doc.nodes, self.live)
-            if [n.placement_key() for n in table] == [n.placement_key() for n in self.doc.nodes]:
+            cut_short = self.stack is not None and bool(self.desired.draining)  # a leader died mid-change
+            if [n.placement_key() for n in table] == [n.placement_key() for n in self.doc.nodes] \
+                    and not cut_short:
                 return
             log.info("nodes: %s", ", ".join(f"{n.name} {n.state}" for n in table))
             if self.stack is None:
@@ -187,25 +215,130 @@ class ClusterController(Controller):
     # -- what the Controller calls ------------------------------------------------------------
     async def _build_and_apply(self, stack, conns, disconns) -> DesiredState:
         self._require_leader()
-        table = node_table(self.doc.nodes, self.live)
-        desired = build_desired(stack, self.desired, cluster_routes(table), None, conns, disconns,
-                                placement(stack, self.desired, table))
-        await self._publish(ClusterDoc(desired, stack, conns, disconns, table))
-        return desired
+        self._superseded = False
+        return await super()._build_and_apply(stack, conns, disconns)
 
-    async def _publish(self, doc: ClusterDoc) -> None:
+    async def _change(self, stack, conns, disconns) -> DesiredState:
+        self._next = (stack, conns, disconns, node_table(self.doc.nodes, self.live))
+        try:
+            return await super()._change(stack, conns, disconns)
+        finally:
+            self._next = None
+
+    def _place(self, stack, previous: DesiredState) -> ClusterPlacement:
+        return placement(stack, previous, self._next[3])
+
+    async def _routes(self):
+        return cluster_routes(self._next[3])
+
+    async def _restore(self) -> None:
+        if self.leading and not self._superseded:
+            await super()._restore()
+
+    async def _apply_all(self, desired: DesiredState) -> None:
+        """One step: written to the store, then the agents' reports awaited (see the module)."""
+        stack, conns, disconns, table = self._next or (
+            self.stack, self.connections, self.disconnections, node_table(self.doc.nodes, self.live))
+        restarting = self._restarting(self.doc.desired, desired) - desired.draining
+        if restarting:       # out of every balancer while it restarts: back once reported anew
+            await self._step(ClusterDoc(replace(desired, draining=desired.draining | restarting),
+                                        stack, conns, disconns, table))
+        await self._step(ClusterDoc(desired, stack, conns, disconns, table))
+
+    @staticmethod
+    def _restarting(before: DesiredState, after: DesiredState) -> frozenset[str]:
+        return frozenset(n for n, t in after.tasks.items() if n in before.tasks
+                         and before.tasks[n].node == t.node
+                         and restart_key(before.tasks[n]) != restart_key(t))
+
+    async def _step(self, doc: ClusterDoc) -> None:
+        before, reports = self.doc.desired, dict(self.statuses)
+        errors = {name: n.error for name, n in self.live.items()}
+        await self._publish(doc, record=False)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            failed = [(name, n.error) for name, n in self.live.items()
+                      if n.error and n.error != errors.get(name)]
+            if failed:
+                raise MeshError("; ".join(f"node {name} could not apply the change: {error}"
+                                          for name, error in failed))
+            waiting = self._unapplied(before, doc.desired, reports)
+            if not waiting:
+                break
+            if loop.time() - start >= self.apply_timeout:
+                log.warning("going on after %.0f s without reports of %s", self.apply_timeout,
+                            ", ".join(sorted(waiting)[:10]))
+                break
+            await asyncio.sleep(0.05)
+        if doc.desired.draining - before.draining:      # the balancers' part: no report shows it
+            await asyncio.sleep(max(0.0, start + self.apply_settle - loop.time()))
+
+    def _unapplied(self, before: DesiredState, after: DesiredState, reports: dict) -> set[str]:
+        """node/task of every registered node whose reports do not show `after` applied yet."""
+        out = set()
+        for node in self.live:
+            mine, old = after.on_node(node), before.on_node(node)
+            for name, task in mine.items():
+                st = self.statuses.get((node, name))
+                if st is None or st.get("id") != task.id:
+                    out.add(f"{node}/{name}")
+                elif name in old and restart_key(old[name]) != restart_key(task):
+                    was = reports.get((node, name)) or {}
+                    if st.get("state") in ("stopped", "assigned") or \
+                            (was and st.get("started_at") == was.get("started_at")):
+                        out.add(f"{node}/{name}")
+            out.update(f"{n}/{t}" for n, t in self.statuses if n == node and t not in mine)
+        return out
+
+    async def _publish(self, doc: ClusterDoc, record: bool = True) -> None:
+        """Write `doc` (compare-and-swap); record=False: a step of a change, which keeps its own
+        record of the desired state (Controller._change sets self.desired as steps land)."""
         doc = replace(doc, leader=self.name, serial=self.doc.serial + 1)
         try:
             revision = await self.store.put(DESIRED, encode(doc), expect=self.doc_rev)
         except CasFailed as exc:
             self._load_kv(exc.current)
+            self._superseded = True
             raise Conflict("the cluster's desired state was changed by another manager; "
                            "this one has re-read it: retry") from None
-        self._load(doc, revision)
+        if record:
+            self._load(doc, revision)
+        else:
+            self.doc, self.doc_rev = doc, revision
+
+    def _report(self, name: str, task) -> dict | None:
+        st = self.statuses.get((task.node, name))
+        return st if st is not None and st.get("id", task.id) == task.id else None
+
+    def readiness(self) -> Readiness:
+        """Who takes traffic, as the agents report it (what each agent computes of its own tasks)."""
+        out = Readiness()
+        for name, task in {**self.desired.tasks, **self.doc.desired.tasks}.items():
+            st = self._report(name, task)
+            if not st:
+                continue
+            if st.get("state") == "running":
+                out.alive.add(name)
+            if st.get("ready"):
+                out.ready.add(name)
+            if st.get("missing"):
+                out.missing[name] = (frozenset(st["missing"]), frozenset(st.get("targets", ())))
+        return out
+
+    def _serving(self, task: str) -> bool:
+        """A draining task's connections: seen from its process when its node is on this machine
+        (a lab); on another host they cannot be seen, so its drain timeout runs out."""
+        node = self.live.get(self.desired.tasks[task].node)
+        if node is None or not self.status(task).get("pid"):
+            return False
+        if node.netns and os.path.exists(os.path.join(NETNS_DIR, node.netns)):
+            return super()._serving(task)
+        return True
 
     def status(self, task: str) -> dict:
         t = self.task(task)
-        return self.statuses.get((t.node, task), UNREPORTED)
+        return self._report(task, t) or UNREPORTED
 
     def log_path(self, task: str) -> str:
         return str(self.status(task).get("log") or "")

@@ -70,6 +70,7 @@ class FakeNode:
 class Manager:
     def __init__(self, store, name):
         self.ctl = ClusterController(store, name)
+        self.ctl.apply_timeout = 0          # fake nodes report nothing: a step does not wait
         self.election = Election(store, name, ttl=TTL)
         self.jobs = [asyncio.ensure_future(self.ctl.mirror()),
                      asyncio.ensure_future(self.election.run(self.ctl.on_elected, self.ctl.on_deposed))]
