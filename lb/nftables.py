@@ -4,8 +4,9 @@ One table `mesh_lb` per namespace (beside the `mesh` table of mesh.hostrules / m
 is replaced whole on every change; this one is updated in place):
 - a verdict map `services` on `ip daddr . meta l4proto . th dport` (an interval map: a VIP takes
   every port, `0-65535`; a published port takes one), looked up in nat prerouting and output;
-- one chain per virtual service: `dnat to numgen random mod N map {...}` (or `jhash ip saddr` for
-  client-address affinity); no active backend -> reject, so clients fail at once, not after a timeout;
+- one chain per virtual service: one rule per backend, `numgen random mod (n-i) == 0` (or a seeded
+  `jhash ip saddr` for client-address affinity), no set or map; no active backend -> reject, so
+  clients fail at once, not after a timeout;
 - postrouting masquerades what a masquerading service DNAT'd (packet mark MASQ_MARK).
 
     lb = NftLb(NftCli())
@@ -36,29 +37,29 @@ def map_key(s: VirtualService) -> str:
 
 
 def service_rules(s: VirtualService) -> list[str]:
-    """The rules of one service's chain (pure)."""
+    """The rules of one service's chain (pure). No set or map: backend i of n is taken with
+    probability 1/(n-i) after the ones before it declined (`numgen random mod (n-i) == 0`, as
+    kube-proxy's iptables mode does with `statistic`), or where a seeded hash of the client address
+    says (affinity). Anonymous maps would make nft load every set of the table on each change, and
+    the kernel scan them all to name each new one: one-service changes stay cheap at 10k services."""
     active = s.active
     if not active:
         return ["meta l4proto tcp reject with tcp reset", "reject"]
     rules = [f"meta mark set {MASQ_MARK:#x}"] if s.masquerade else []
     # a fixed seed per service: every node and every rewrite sends a client to the same backend
     seed = int.from_bytes(hashlib.blake2s(s.key.encode(), digest_size=4).digest(), "big")
-    pick = "jhash ip saddr mod" if s.affinity else "numgen random mod"
-    seeded = f" seed {seed:#x}" if s.affinity else ""
-    if s.port is None:       # every port: DNAT the address only
-        if len(active) == 1:
-            target = f"dnat to {active[0].address}"
+    n = len(active)
+    for i, b in enumerate(active):
+        port = b.port if b.port is not None else s.port
+        target = f"dnat to {b.address}" + (f":{port}" if port is not None else "")
+        if i == n - 1:
+            pick = ""
+        elif s.affinity:
+            pick = f"jhash ip saddr mod {n} seed {seed:#x} == {i} "
         else:
-            choices = ", ".join(f"{i} : {b.address}" for i, b in enumerate(active))
-            target = f"dnat to {pick} {len(active)}{seeded} map {{ {choices} }}"
-    else:
-        port = lambda b: b.port if b.port is not None else s.port
-        if len(active) == 1:
-            target = f"dnat to {active[0].address}:{port(active[0])}"
-        else:
-            choices = ", ".join(f"{i} : {b.address} . {port(b)}" for i, b in enumerate(active))
-            target = f"dnat ip addr . port to {pick} {len(active)}{seeded} map {{ {choices} }}"
-    return rules + [f"meta l4proto {s.protocol} {target}"]
+            pick = f"numgen random mod {n - i} == 0 "
+        rules.append(f"meta l4proto {s.protocol} {pick}{target}")
+    return rules
 
 
 def _base() -> list[str]:
@@ -105,7 +106,7 @@ def render_changes(old: Table, new: Table) -> str:
         was = old.get(key)
         if was is None:
             out += _add(s)
-        elif service_rules(was) != service_rules(s):
+        elif was is not s and was != s and service_rules(was) != service_rules(s):
             chain = chain_name(key)
             out.append(f"flush chain ip {TABLE} {chain}")
             out += [f"add rule ip {TABLE} {chain} {r}" for r in service_rules(s)]

@@ -9,8 +9,8 @@ PUB = VirtualService("169.254.97.2", "udp", 9090, (Backend("10.255.0.5", 90),), 
 
 def test_a_vip_takes_every_port_and_keeps_the_port_asked_for():
     assert map_key(VIP) == "10.0.1.2 . tcp . 0-65535"
-    assert service_rules(VIP) == [
-        "meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.0.1.5, 1 : 10.0.1.6 }"]
+    assert service_rules(VIP) == ["meta l4proto tcp numgen random mod 2 == 0 dnat to 10.0.1.5",
+                                  "meta l4proto tcp dnat to 10.0.1.6"]
 
 
 def test_a_published_port_maps_to_the_target_port_and_can_masquerade():
@@ -21,9 +21,10 @@ def test_a_published_port_maps_to_the_target_port_and_can_masquerade():
 def test_affinity_hashes_the_client_address_and_draining_backends_take_nothing_new():
     s = VirtualService("10.0.1.2", "tcp", 80, (Backend("a", 80), Backend("b", 80, 0), Backend("c", 80)),
                        affinity=True)
-    [rule] = service_rules(s)
-    assert "jhash ip saddr mod 2 seed 0x" in rule and " b " not in rule
-    assert service_rules(s) == [rule]                 # the same seed on every node and rewrite
+    rules = service_rules(s)
+    assert len(rules) == 2 and "jhash ip saddr mod 2 seed 0x" in rules[0] and rules[0].endswith("== 0 dnat to a:80")
+    assert rules[1] == "meta l4proto tcp dnat to c:80"               # b drains: nothing new
+    assert service_rules(s) == rules                  # the same seed on every node and rewrite
 
 
 def test_no_active_backend_rejects_at_once():
