@@ -1,6 +1,7 @@
 """The `mesh` command line. Every listing takes --json; errors print one clear message, exit 1.
 
     mesh up -f stack.yaml [--nodes N] [--host-netns NAME]    mesh ps | mesh network ls | mesh inspect TASK
+    mesh up -f stack.yaml --nodes N --store etcd://HOST:PORT  (the lab's manager and agents as processes)
     mesh node ls    mesh service ls | ps SVC | scale SVC=N | rm SVC
     mesh logs TASK    mesh exec TASK -- CMD...    mesh network connect|disconnect NET TASK
     mesh network inspect NET    mesh down
@@ -47,11 +48,14 @@ def cmd_up(args, api: Api) -> int:
     stack = load_stack_file(args.file)
     for warning in stack.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    started = api.ensure_daemon(args.nodes, args.lb)
+    started = _ensure_store_lab(args, api) if args.store else _ensure_daemon(args, api)
     status, data = api.call("POST", "/v1/up", {"stack": stack_to_dict(stack)})
     if status >= 300:
         if started:
             api.call("POST", "/v1/down")
+            if args.store:
+                from mesh import etcdlab
+                etcdlab.stop(api.host)
         raise MeshError(data["error"] if isinstance(data, dict) else str(data))
     if args.json:
         _emit(args, data["tasks"], _print_tasks)
@@ -59,6 +63,45 @@ def cmd_up(args, api: Api) -> int:
     _wait_ready(api, args.wait)
     _print_summary(api, args.nodes)
     return 0
+
+
+def _ensure_daemon(args, api: Api) -> bool:
+    from mesh import etcdlab
+    lab = etcdlab.load(api.host)
+    if lab is not None:
+        raise MeshError(f"a lab on {lab['store']} runs here (mesh up --store): `mesh down` first, "
+                        f"or give the same --store and --nodes")
+    return api.ensure_daemon(args.nodes, args.lb)
+
+
+def _ensure_store_lab(args, api: Api) -> bool:
+    """`--store`: a lab whose manager and agents are separate processes on that etcd
+    (mesh.etcdlab); True when this call started it."""
+    from mesh import etcdlab
+    if not args.nodes:
+        raise MeshError("--store runs the lab's manager and agents as separate daemons on that etcd: "
+                        "give --nodes N too (on real hosts, run mesh manager and mesh agent)")
+    lab = etcdlab.load(api.host)
+    if lab is not None and api.running():
+        if lab["store"] != args.store or len(lab["nodes"]) != args.nodes:
+            raise MeshError(f"a lab of {len(lab['nodes'])} nodes on {lab['store']} runs here: "
+                            f"`mesh down` first to start another")
+        return False
+    if lab is not None:                       # its manager is gone: start it afresh
+        etcdlab.stop(api.host)
+    elif api.running():
+        raise MeshError("a mesh daemon (no --store) already runs here: `mesh down` first")
+
+    def ping():
+        return api.call("GET", "/v1/ping")[1] if api.running() else None
+
+    def ready() -> int:
+        status, nodes = api.call("GET", "/v1/nodes")
+        return sum(n["state"] == "ready" for n in nodes) if status == 200 else 0
+
+    print(f"mesh: starting a manager and {args.nodes} agents on {args.store}", file=sys.stderr)
+    etcdlab.start(api.host, args.nodes, args.store, args.lb, ping, ready)
+    return True
 
 
 def _not_ready(task: dict) -> str | None:
@@ -116,6 +159,16 @@ def _print_summary(api: Api, lab: int) -> None:
 
 
 def cmd_down(args, api: Api) -> int:
+    from mesh import etcdlab
+    if etcdlab.load(api.host) is not None:
+        if api.running():
+            status, data = api.call("POST", "/v1/down")
+            if status >= 300:
+                print(f"mesh: the manager: {data['error'] if isinstance(data, dict) else data}",
+                      file=sys.stderr)
+            api.wait_gone()
+        print("mesh: stack removed; " + ", ".join(etcdlab.stop(api.host)))
+        return 0
     if api.running():
         status, data = api.call("POST", "/v1/down")
         if status >= 300:
@@ -318,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lb", choices=LB_CHOICES, default=os.environ.get("MESH_LB", "auto"),
                     help="the kernel load balancer: ipvs, nftables, or auto (IPVS when the kernel "
                          "has ip_vs); env MESH_LB")
+    up.add_argument("--store", metavar="etcd://HOST:PORT",
+                    help="with --nodes: the lab's manager and agents as separate processes on this "
+                         "etcd (it must answer there from the host namespace and every node, e.g. "
+                         "etcd in the host namespace and etcd://10.97.0.254:PORT)")
     up.set_defaults(func=cmd_up)
     for name, func, helptext in (("down", cmd_down, "remove everything mesh made"),
                                  ("ps", cmd_ps, "list tasks")):

@@ -45,6 +45,10 @@ class NetnsEtcd(EtcdServer):
     def endpoint(self) -> str:
         return f"{HOST_ADDRESS}:{self.client_port}"
 
+    @property
+    def probed(self) -> str:
+        return self.endpoint
+
     def argv(self) -> list[str]:
         local = f"127.0.0.1:{self.client_port}"
         argv = [a.replace(local, self.endpoint) for a in super().argv()]
@@ -56,13 +60,29 @@ class NetnsEtcd(EtcdServer):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.log_tail()}")
             probe = subprocess.run(enter(self.netns) + ["curl", "-s", "--max-time", "1",
-                                                        f"http://{self.endpoint}/health"],
+                                                        f"http://{self.probed}/health"],
                                    capture_output=True, text=True)
             if '"health":"true"' in probe.stdout.replace(" ", ""):
                 return
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"etcd did not become healthy in {timeout}s:\n{self.log_tail()}")
+
+
+class HostEtcd(NetnsEtcd):
+    """EtcdServer inside a namespace made before any lab (mesh up --store makes the lab):
+    listening on every address there, so 10.97.0.254 answers once the lab's bridge has it."""
+
+    def argv(self) -> list[str]:
+        local = f"http://127.0.0.1:{self.client_port}"
+        argv = EtcdServer.argv(self)
+        at = argv.index("--listen-client-urls") + 1
+        argv[at] = argv[at].replace(local, f"http://0.0.0.0:{self.client_port}")
+        return enter(self.netns) + argv
+
+    @property
+    def probed(self) -> str:
+        return f"127.0.0.1:{self.client_port}"         # the lab's bridge is not there yet
 
 
 class EtcdLab:

@@ -8,10 +8,15 @@ SIGKILL and restarted and adopts its tasks (same PIDs, nothing made twice); mesh
 """
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
+import sys
+import time
 
-from cluster.etcdlab import EtcdLab
-from labkit import ECHO, SYSTEM_PYTHON, sh
+from cluster.etcdlab import EtcdLab, HostEtcd
+from labkit import ECHO, ROOT, SYSTEM_PYTHON, sh
 
 STACK = f"""
 services:
@@ -117,3 +122,135 @@ def scenario(c: EtcdLab, tmp) -> None:
     c.cli("m2", "down")
     for node in ("n1", "n2"):
         assert not sh(["ip", "netns", "list"]).stdout.count(f"{c.node(node).netns}-"), node
+
+
+ROLLING = f"""
+services:
+  web:
+    command: "{SYSTEM_PYTHON} {ECHO} 80"
+    deploy: {{replicas: @N@, placement: {{constraints: ["node.hostname==n1"]}}}}
+    ports: ["8080:80"]
+    environment: {{GENERATION: "@GEN@"}}
+"""
+
+
+def test_changes_drain_and_replace_one_at_a_time_on_etcd(tmp_path):
+    """As tests/kernel/test_lb.py's in-process test, with the manager and agents as processes on
+    etcd: a client going through n2 (no replica) sees no failed request while web scales up and
+    down and its tasks are replaced (the agents learn readiness from each other's reports)."""
+    host = f"mesh-t{secrets.token_hex(3)}"
+    sh(["ip", "netns", "add", host])
+    try:
+        sh(["ip", "link", "set", "lo", "up"], host)
+        with EtcdLab(tmp_path, host, nodes=2, ttl=3) as c:
+            c.start_agent("n1")
+            c.start_agent("n2")
+            c.start_manager("m1")
+            c.wait_leader("m1")
+            c.wait_nodes("m1", {"n1", "n2"})
+
+            def up(gen: int, replicas: int) -> None:
+                path = tmp_path / f"stack-{gen}.yaml"
+                path.write_text(ROLLING.replace("@GEN@", str(gen)).replace("@N@", str(replicas)))
+                c.cli("m1", "up", "-f", str(path))
+
+            up(1, 1)
+            c.wait_running("m1", ["web.1"])
+            url = "http://10.97.0.2:8080/"
+            c.wait(lambda: sh(["curl", "-s", "--max-time", "2", url], host, check=False)
+                   .stdout.startswith("host="), 20, "web through n2")
+            stop, out = tmp_path / "stop", tmp_path / "loop.json"
+            proc = subprocess.Popen(["ip", "netns", "exec", host, SYSTEM_PYTHON,
+                                     str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
+            try:
+                time.sleep(0.5)
+                c.cli("m1", "service", "scale", "web=3")
+                time.sleep(0.5)
+                c.cli("m1", "service", "scale", "web=1")
+                time.sleep(0.5)
+                started = {n: t["pid"] for n, t in c.tasks("m1").items()}
+                up(2, 2)                       # web.1 replaced (new environment), web.2 added
+                time.sleep(0.5)
+            finally:
+                stop.touch()
+                proc.wait(30)
+            result = json.loads(out.read_text())
+            assert result["failed"] == 0, result
+            assert result["ok"] > 20, result
+            ts = c.tasks("m1")
+            assert ts["web.1"]["pid"] != started["web.1"] and ts["web.1"]["state"] == "running"
+            assert len(result["hosts"]) >= 3, result      # replicas came and went while it ran
+            c.cli("m1", "down")
+    finally:
+        sh(["ip", "netns", "del", host])
+
+
+UP_STACK = f"""
+services:
+  web:
+    command: "{SYSTEM_PYTHON} {ECHO} 80"
+    deploy: {{replicas: 3}}
+    ports: ["8080:80"]
+"""
+
+
+def test_mesh_up_with_store_runs_the_lab_as_separate_daemons(tmp_path):
+    """`mesh up --nodes 3 --store etcd://…`: a manager and three agents as processes (an etcd in
+    the host namespace, listening on every address, reached at 10.97.0.254); clear errors; down."""
+    host = f"mesh-t{secrets.token_hex(3)}"
+    sh(["ip", "netns", "add", host])
+    etcd = HostEtcd(tmp_path / "etcd", host)
+    env = {**os.environ, "MESH_RUN_DIR": str(tmp_path / "run"), "PYTHONSAFEPATH": "1",
+           "MESH_LEASE_TTL": "3"}
+    path = tmp_path / "stack.yaml"
+    path.write_text(UP_STACK)
+
+    def mesh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "mesh", "--host-netns", host, *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert not check or proc.returncode == 0, (args, proc.stdout, proc.stderr)
+        return proc
+
+    def lab_namespaces() -> list[str]:
+        return [ns for ns in sh(["ip", "netns", "list"]).stdout.split() if ns.startswith(f"{host}-")]
+
+    try:
+        sh(["ip", "link", "set", "lo", "up"], host)
+        etcd.start()
+        url = f"etcd://10.97.0.254:{etcd.client_port}"
+        no_nodes = mesh("up", "-f", str(path), "--store", url, check=False)
+        assert no_nodes.returncode == 1 and "--nodes" in no_nodes.stderr, no_nodes.stderr
+        unreachable = mesh("up", "-f", str(path), "--nodes", "2", "--store", "etcd://10.97.0.254:9",
+                           check=False)
+        assert unreachable.returncode == 1 and "etcd does not answer" in unreachable.stderr, \
+            unreachable.stderr
+        assert not lab_namespaces()                                  # all undone
+
+        mesh("up", "-f", str(path), "--nodes", "3", "--store", url)
+        nodes = json.loads(mesh("node", "ls", "--json").stdout)
+        assert [(n["name"], n["address"], n["role"], n["state"]) for n in nodes] == [
+            ("n1", "10.97.0.1", "manager", "ready"), ("n2", "10.97.0.2", "worker", "ready"),
+            ("n3", "10.97.0.3", "worker", "ready")]
+        tasks = json.loads(mesh("ps", "--json").stdout)
+        assert sorted(t["node"] for t in tasks) == ["n1", "n2", "n3"]
+        deadline = time.monotonic() + 20
+        while not sh(["curl", "-s", "--max-time", "2", "http://10.97.0.2:8080/"], host,
+                     check=False).stdout.startswith("host="):
+            assert time.monotonic() < deadline, "the published port does not answer"
+            time.sleep(0.2)
+        again = mesh("up", "-f", str(path), "--nodes", "2", "--store", url, check=False)
+        assert again.returncode == 1 and "mesh down" in again.stderr, again.stderr
+        agents = json.loads((tmp_path / "run" / host / "etcdlab.json").read_text())["procs"]
+        assert sorted(agents) == ["agent-n1", "agent-n2", "agent-n3", "manager"]
+
+        mesh("down")
+        assert not lab_namespaces()
+        assert not (tmp_path / "run" / host / "etcdlab.json").exists()
+        for pid, _ in agents.values():
+            assert not os.path.exists(f"/proc/{pid}") or \
+                "zombie" in open(f"/proc/{pid}/status").read().lower(), pid
+    finally:
+        if (tmp_path / "run" / host / "etcdlab.json").exists():
+            mesh("down", check=False)
+        etcd.stop()
+        sh(["ip", "netns", "del", host])
