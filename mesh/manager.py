@@ -254,6 +254,8 @@ class ClusterController(Controller):
                          and restart_key(before.tasks[n]) != restart_key(t))
 
     async def _step(self, doc: ClusterDoc) -> None:
+        if replace(doc, leader=self.doc.leader, serial=self.doc.serial) == self.doc:
+            return                                   # written already (the last step of a change)
         before, reports = self.doc.desired, dict(self.statuses)
         errors = {name: n.error for name, n in self.live.items()}
         await self._publish(doc, record=False)

@@ -19,7 +19,7 @@ from mesh.paths import Paths
 from mesh.spec import load_stack
 from mesh.state import DesiredState, TaskState
 from mesh.store import MemoryStore
-from mesh.storeops import DESIRED, LEADER, NODES, STATUS, LeaseKeeper
+from mesh.storeops import DESIRED, LEADER, NODES, STATUS, LeaseKeeper, follow
 
 TTL = 0.3
 STACK = """
@@ -198,6 +198,79 @@ async def test_a_deposed_leader_cannot_overwrite_the_new_leaders_state():
     with pytest.raises(Conflict, match="changed by another manager"):
         await stale.down()
     assert stale.desired == m1.ctl.desired                # it re-read the truth
+    await m1.crash()
+    await store.close()
+
+
+class ReportingNodes:
+    """Nodes whose 'agents' apply every /mesh/desired at once and report each task running and
+    ready (a new start time whenever its definition changes); `docs` is every state they saw."""
+
+    def __init__(self, store, names):
+        self.store, self.names = store, names
+        self.docs: list[DesiredState] = []
+        self.starts: dict[str, tuple] = {}
+        self.seen = 0
+        self.job = asyncio.ensure_future(self.run())
+
+    async def run(self):
+        keeper = LeaseKeeper(self.store, TTL)
+        await keeper.start()
+        for i, name in enumerate(self.names, start=1):
+            await self.store.put(NODES + name, encode(info(name, i)), lease=keeper.lease)
+        reported = set()
+        async for kind, item in follow(self.store, DESIRED):
+            kvs = item if kind == "snapshot" else [item.kv] if item.kind == "put" else []
+            for kv in kvs:
+                desired = decode_doc(kv.value).desired
+                self.docs.append(desired)
+                for name, task in desired.tasks.items():
+                    if self.starts.get(name, (None,))[0] != task.environment:
+                        self.starts[name] = (task.environment, len(self.docs))
+                    status = {"id": task.id, "state": "running", "ready": True,
+                              "started_at": str(self.starts[name][1])}
+                    await self.store.put(f"{STATUS}{task.node}/{name}", json.dumps(status).encode(),
+                                         lease=keeper.lease)
+                for key in reported - {(t.node, n) for n, t in desired.tasks.items()}:
+                    await self.store.delete(f"{STATUS}{key[0]}/{key[1]}")
+                reported = {(t.node, n) for n, t in desired.tasks.items()}
+                self.seen = kv.mod_revision
+
+
+@run
+async def test_a_change_on_the_store_drains_and_replaces_one_task_at_a_time():
+    store = MemoryStore()
+    nodes = ReportingNodes(store, ["n1", "n2"])
+    m1 = Manager(store, "m1")
+    m1.ctl.apply_timeout, m1.ctl.apply_settle = 2.0, 0.01
+    await until(lambda: m1.ctl.leading and len(m1.ctl.doc.nodes) == 2, what="m1 leads, knows 2 nodes")
+    rolling = "services:\n  web: {command: sleep 300, deploy: {replicas: 2}, environment: {GEN: '@'}}\n"
+    await m1.ctl.up(load_stack(rolling.replace("@", "1"), name="s"))
+    await until(lambda: m1.ctl.readiness().ready == {"web.1", "web.2"}, what="reports read")
+    assert m1.ctl.status("web.1")["state"] == "running"
+
+    nodes.docs.clear()
+    await m1.ctl.up(load_stack(rolling.replace("@", "2"), name="s"))
+    await until(lambda: nodes.seen == m1.ctl.doc_rev, what="the last step seen")
+    gen = lambda d, t: dict(d.tasks[t].environment)["GEN"]
+    steps = [(gen(d, "web.1"), gen(d, "web.2"), sorted(d.draining)) for d in nodes.docs]
+    assert steps == [
+        ("1", "1", []),                   # the new stack (no task of it yet: rolling)
+        ("1", "1", ["web.1"]),            # web.1 drained, web.2 serves
+        ("2", "1", ["web.1"]),            # web.1 restarts out of the balancers...
+        ("2", "1", []),                   # ...and is back once reported anew
+        ("2", "1", ["web.2"]),            # then web.2, the same way
+        ("2", "2", ["web.2"]),
+        ("2", "2", []),
+    ], steps
+    assert decode_doc((await store.get(DESIRED)).value).stack.services["web"].environment
+
+    nodes.docs.clear()
+    await m1.ctl.scale("web", 1)                    # the leaving task is drained before it goes
+    await until(lambda: nodes.seen == m1.ctl.doc_rev, what="the last step seen")
+    assert [(sorted(d.tasks), sorted(d.draining)) for d in nodes.docs] == [
+        (["web.1", "web.2"], ["web.2"]), (["web.1"], [])]
+    nodes.job.cancel()
     await m1.crash()
     await store.close()
 
