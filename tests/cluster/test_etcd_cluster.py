@@ -171,6 +171,9 @@ def test_changes_drain_and_replace_one_at_a_time_on_etcd(tmp_path):
                 started = {n: t["pid"] for n, t in c.tasks("m1").items()}
                 up(2, 2)                       # web.1 replaced (new environment), web.2 added
                 time.sleep(0.5)
+                replaced = {n: t["pid"] for n, t in c.tasks("m1").items()}
+                up(3, 2)                       # both replaced, one at a time
+                time.sleep(0.5)
             finally:
                 stop.touch()
                 proc.wait(30)
@@ -179,6 +182,8 @@ def test_changes_drain_and_replace_one_at_a_time_on_etcd(tmp_path):
             assert result["ok"] > 20, result
             ts = c.tasks("m1")
             assert ts["web.1"]["pid"] != started["web.1"] and ts["web.1"]["state"] == "running"
+            assert all(ts[n]["pid"] != replaced[n] and ts[n]["state"] == "running"
+                       for n in ("web.1", "web.2")), (replaced, ts)
             assert len(result["hosts"]) >= 3, result      # replicas came and went while it ran
             c.cli("m1", "down")
     finally:
