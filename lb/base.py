@@ -62,4 +62,5 @@ def make_lb(choice: str, nft) -> LoadBalancer:
         from mesh.lb.ipvs import IpvsLb
         return IpvsLb(nft)
     from mesh.lb.nftables import NftLb
-    return NftLb(nft)
+    from mesh.libnft import LibNft
+    return NftLb(LibNft.or_cli(nft))

@@ -9,7 +9,7 @@ is replaced whole on every change; this one is updated in place):
   clients fail at once, not after a timeout;
 - postrouting masquerades what a masquerading service DNAT'd (packet mark MASQ_MARK).
 
-    lb = NftLb(NftCli())
+    lb = NftLb(LibNft.or_cli(NftCli()))   # libnftables in process (mesh.libnft), else `nft -f -`
     lb.apply("mesh-h1-web.1", table)   # one atomic `nft -f -` transaction with only the difference
     lb.resync("mesh-h1-web.1")         # the whole table rewritten from memory, also one transaction
 
@@ -146,3 +146,5 @@ class NftLb:
                 self.nft.apply(netns, render_delete())
             except Exception:
                 pass     # the namespace is gone, and its table with it
+        if hasattr(self.nft, "forget"):
+            self.nft.forget(netns)

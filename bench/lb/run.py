@@ -1,7 +1,7 @@
 """mesh's kernel load balancer against its anchors, side by side on this machine, in one run.
 
 (c) programming time (no lab needed, runs first):
-  * nftables (mesh.lb.nftables): NftLb(NftCli()).apply(netns, table) of 1k and 10k services x 10
+  * nftables (mesh.lb.nftables): NftLb(LibNft.or_cli(NftCli())).apply(netns, table) of 1k and 10k services x 10
     backends into a fresh namespace (render_full + one `nft -f -`), then >= 50 one-service changes
     (one backend of a random service replaced by a new address: NftLb.apply computes the
     incremental transaction from its memory) with that many services loaded: p50 / p99;
@@ -65,6 +65,7 @@ from pathlib import Path
 
 from mesh.lb.model import Backend, VirtualService, table_of
 from mesh.lb.nftables import NftLb, chain_name, render_changes, render_full
+from mesh.libnft import LibNft
 from mesh.nft import NftCli
 
 HERE = Path(__file__).resolve().parent
@@ -209,7 +210,7 @@ def bench_nft(res: Resources, n: int, samples: int, rng: random.Random,
     render = time.perf_counter() - t0
     ns = res.netns(PROG_NS)
     try:
-        lb = NftLb(NftCli())
+        lb = NftLb(LibNft.or_cli(NftCli()))     # as mesh.lb.base.make_lb builds it
         t0 = time.perf_counter()
         lb.apply(ns, table)
         full = time.perf_counter() - t0
