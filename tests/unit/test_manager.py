@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -272,6 +273,27 @@ async def test_a_change_on_the_store_drains_and_replaces_one_task_at_a_time():
         (["web.1", "web.2"], ["web.2"]), (["web.1"], [])]
     nodes.job.cancel()
     await m1.crash()
+    await store.close()
+
+
+@run
+async def test_a_leader_dying_mid_change_leaves_it_to_the_next_one_to_finish():
+    store = MemoryStore()
+    nodes = ReportingNodes(store, ["n1", "n2"])
+    m1 = Manager(store, "m1")
+    await until(lambda: m1.ctl.leading and len(m1.ctl.doc.nodes) == 2, what="m1 leads")
+    await m1.ctl.up(load_stack("services:\n  web: {command: sleep 300, deploy: {replicas: 2}}\n",
+                               name="s"))
+    await m1.ctl._publish(replace(m1.ctl.doc, desired=replace(m1.ctl.desired, draining=frozenset(
+        ["web.1"]))), record=False)              # a drain written, then the leader dies
+    await m1.crash()
+    m2 = Manager(store, "m2")
+    await until(lambda: m2.ctl.leading, timeout=TTL * 10, what="m2 leads")
+    await until(lambda: not m2.ctl.doc.desired.draining, what="m2 finishes the change")
+    assert not decode_doc((await store.get(DESIRED)).value).desired.draining
+    assert sorted(m2.ctl.doc.desired.tasks) == ["web.1", "web.2"]
+    nodes.job.cancel()
+    await m2.crash()
     await store.close()
 
 
