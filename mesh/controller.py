@@ -24,6 +24,7 @@ from mesh.state import DesiredState, TaskState
 log = logging.getLogger("mesh.controller")
 DRAIN_TIMEOUT = 10.0         # seconds a leaving task may finish its connections (x-mesh: drain_timeout)
 READY_TIMEOUT = 30.0         # a rolling update pauses when a replaced task is not ready by then
+START_WAIT = 10.0            # a drain waits at most this long for the service's new tasks to be ready
 DRAIN_SETTLE = 0.3           # connections already on their way when the balancers let go of it
 
 
@@ -35,6 +36,7 @@ class Controller:
         self.placer = placer                 # (stack, previous) -> ClusterPlacement, or None
         self.lb_name = "nftables"            # which load balancer the agents use (for the API)
         self.changing = asyncio.Lock()
+        self.start_wait = START_WAIT
         self.extra_routes = list(extra_routes)
         self.desired = DesiredState()
         self.stack: Stack | None = None
@@ -160,11 +162,14 @@ class Controller:
 
     async def _drain(self, leaving: frozenset[str]) -> None:
         """Take the leaving tasks out of every balancer and DNS answer (their established
-        connections go on), then wait until they serve no connection or their drain timeout."""
+        connections go on), then wait until they serve no connection or their drain timeout.
+        First, the tasks of the same services that just started get a bounded while to take
+        connections: a replacement's first task must not be left alone before it listens."""
         alive = self.readiness().alive
         leaving = frozenset(n for n in leaving if n in alive)
         if not leaving:
             return
+        await self._others_ready(leaving)
         await self._apply_all(replace(self.desired, draining=self.desired.draining | leaving))
         await asyncio.sleep(DRAIN_SETTLE)
         loop = asyncio.get_running_loop()
@@ -173,6 +178,19 @@ class Controller:
             if not any(self._serving(n) for n in leaving):
                 return
             await asyncio.sleep(0.1)
+
+    async def _others_ready(self, leaving: frozenset[str]) -> None:
+        services = {self.desired.tasks[n].service for n in leaving}
+        starting = [n for n, t in self.desired.tasks.items() if t.service in services
+                    and n not in leaving and self.status(n).get("state") == "running"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_wait
+        while starting and loop.time() < deadline:
+            ready = self.readiness()
+            starting = [n for n in starting if not ready.takes(n)
+                        and self.status(n).get("state") == "running"]
+            if starting:
+                await asyncio.sleep(0.05)
 
     def _drain_timeout(self, task: str) -> float:
         svc = self.desired.services.get(self.desired.tasks[task].service)

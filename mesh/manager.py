@@ -64,7 +64,6 @@ DOWN_TIMEOUT = 60.0
 UNREPORTED = {"state": "assigned", "pid": None, "exit_code": None, "restarts": 0}
 APPLY_TIMEOUT = float(os.environ.get("MESH_APPLY_TIMEOUT", "30"))   # a step's wait for the reports
 APPLY_SETTLE = float(os.environ.get("MESH_APPLY_SETTLE", "1"))      # a drain-only step's wait
-START_WAIT = 10.0            # a drain waits at most this long for the service's new tasks to be ready
 
 
 def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> ClusterPlacement:
@@ -101,7 +100,6 @@ class ClusterController(Controller):
         # host None: names the manager derives (bridge links) must not depend on which manager leads
         super().__init__([], None, None, placer=self._place)
         self.apply_timeout, self.apply_settle = APPLY_TIMEOUT, APPLY_SETTLE
-        self.start_wait = START_WAIT
         self._next: tuple | None = None          # (stack, conns, disconns, node table) of a change
         self._superseded = False                 # another manager wrote: nothing to restore
         self.store, self.name = store, name
@@ -329,24 +327,6 @@ class ClusterController(Controller):
             if st.get("missing"):
                 out.missing[name] = (frozenset(st["missing"]), frozenset(st.get("targets", ())))
         return out
-
-    async def _drain(self, leaving: frozenset[str]) -> None:
-        """As the Controller's, once the tasks of the same services that just started take
-        connections (bounded): a replacement's first task started a moment ago must not be left
-        alone in the balancers before it listens."""
-        alive = self.readiness().alive
-        services = {self.desired.tasks[n].service for n in leaving if n in alive}
-        starting = [n for n, t in self.desired.tasks.items() if t.service in services
-                    and n not in leaving and self.status(n).get("state") == "running"]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.start_wait
-        while starting and loop.time() < deadline:
-            ready = self.readiness()
-            starting = [n for n in starting if not ready.takes(n)
-                        and self.status(n).get("state") == "running"]
-            if starting:
-                await asyncio.sleep(0.05)
-        await super()._drain(leaving)
 
     def _serving(self, task: str) -> bool:
         """A draining task's connections: seen from its process when its node is on this machine
