@@ -280,6 +280,14 @@ def cmd_exec(args, api: Api) -> int:
     os.execvpe(argv[0], argv, task_env(task))
 
 
+def cmd_run(args, api: Api) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    task = api.checked("POST", "/v1/run", {"name": args.name, "network": args.network,
+                                           "command": command, "node": args.node})
+    _emit(args, [task], _print_tasks)
+    return 0
+
+
 def cmd_daemon(args, api: Api) -> int:
     from mesh.daemon import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -401,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("task")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(func=cmd_exec)
+    run = sub.add_parser("run", parents=[common],
+                         help="start a standalone container on a network of the stack")
+    run.add_argument("--name", required=True)
+    run.add_argument("--network", required=True,
+                     help="a network of the stack (an overlay must be attachable: true)")
+    run.add_argument("--node", help="the lab node to run it on (default: the scheduler's choice)")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(func=cmd_run)
     net = sub.add_parser("network", parents=[common], help="networks")
     nsub = net.add_subparsers(dest="action", required=True)
     nsub.add_parser("ls", parents=[common])

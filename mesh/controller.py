@@ -11,13 +11,14 @@ an agent is undone everywhere by applying the previous state again.
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 from dataclasses import replace
 
 from mesh.agent import restart_key
 from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
-from mesh.model import DnsOptions, Stack
+from mesh.model import Attachment, DnsOptions, Placement, Service, Stack
 from mesh.readiness import Readiness, established_connections
 from mesh.state import DesiredState, TaskState
 
@@ -36,6 +37,7 @@ class Controller:
         self.placer = placer                 # (stack, previous) -> ClusterPlacement, or None
         self.lb_name = "nftables"            # which load balancer the agents use (for the API)
         self.changing = asyncio.Lock()
+        self.standalone: dict[str, Service] = {}   # mesh run: standalone containers, by name
         self.start_wait = START_WAIT
         self.extra_routes = list(extra_routes)
         self.desired = DesiredState()
@@ -209,12 +211,59 @@ class Controller:
 
     async def up(self, stack: Stack) -> DesiredState:
         keep = lambda pairs: tuple((t, n) for t, n in pairs if self.desired.tasks.get(t))
+        stack = self._with_standalone(stack)
         self._configure_dns(stack.dns)
         try:
             return await self._build_and_apply(stack, keep(self.connections), keep(self.disconnections))
         except Exception:
             self._configure_dns(self.stack.dns if self.stack else DnsOptions())
             raise
+
+    def _with_standalone(self, stack: Stack) -> Stack:
+        """Standalone containers (mesh run) outlive stack updates, as `docker run` ones do."""
+        clash = sorted(n for n in self.standalone if n in stack.services)
+        if clash:
+            raise Conflict(f"services.{clash[0]}: a standalone container already has this name "
+                           f"(mesh service rm {clash[0]} first)")
+        kept = {n: s for n, s in self.standalone.items() if s.networks[0].network in stack.networks}
+        self.standalone = kept
+        return replace(stack, services={**stack.services, **kept})
+
+    async def run(self, name: str, network: str, command: list[str], node: str | None = None):
+        """A standalone container (`docker run --network NET`): a one-task service of its own on a
+        network of the stack; on an overlay only when the network is `attachable: true`."""
+        if self.stack is None:
+            raise Conflict("no stack is up: a standalone container joins a network of a stack "
+                           "(mesh up -f FILE first)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name or ""):
+            raise Conflict(f"--name: '{name}' is not a valid name (letters, digits, '_', '.', '-')")
+        if name in self.stack.services or name in self.desired.tasks:
+            raise Conflict(f"--name: '{name}' is already a service or task (mesh ps lists them)")
+        net = self.stack.networks.get(network)
+        if net is None or network not in self.desired.networks:
+            raise NotFound(f"--network: no network named '{network}' in the stack "
+                           f"(mesh network ls lists them)")
+        if self.placer is not None and not net.attachable:
+            raise Conflict(f"--network: network '{network}' is not attachable: a standalone "
+                           f"container joins an overlay network only when the stack sets "
+                           f"`attachable: true` on it (networks.{network}.attachable), as "
+                           f"docker network create --attachable")
+        placement = Placement(constraints=(f"node.hostname=={node}",)) if node else Placement()
+        svc = Service(name=name, command=tuple(command), container_name=name,
+                      networks=(Attachment(network),), placement=placement,
+                      extensions={"standalone": True})
+        self.standalone[name] = svc
+        try:
+            stack = replace(self.stack, services={**self.stack.services, name: svc})
+            desired = await self._build_and_apply(stack, self.connections, self.disconnections)
+        except Exception:
+            self.standalone.pop(name, None)
+            raise
+        if name not in desired.tasks:
+            reason = next((r for s, _, r in desired.pending if s == name), "not placed")
+            await self.remove_service(name)
+            raise Conflict(f"--node: the container cannot be placed: {reason}")
+        return desired.tasks[name]
 
     def _service(self, name: str):
         if self.stack is None or name not in self.stack.services:
@@ -239,8 +288,10 @@ class Controller:
         services = {k: v for k, v in self.stack.services.items() if k != name}
         if not services:
             raise Conflict(f"'{name}' is the stack's last service: use mesh down to remove the stack")
-        return await self._build_and_apply(replace(self.stack, services=services),
-                                           self.connections, self.disconnections)
+        desired = await self._build_and_apply(replace(self.stack, services=services),
+                                              self.connections, self.disconnections)
+        self.standalone.pop(name, None)
+        return desired
 
     def task(self, name: str) -> TaskState:
         task = self.desired.tasks.get(name)
@@ -284,3 +335,4 @@ class Controller:
             await asyncio.gather(*(a.teardown() for a in self.agents.values()))
             self.desired = DesiredState()
             self.stack, self.connections, self.disconnections = None, (), ()
+            self.standalone = {}

@@ -5,7 +5,8 @@ and Controller, and serves the API (aiohttp) on a unix socket. `mesh up` starts 
 
 API (JSON): GET /v1/ping, POST /v1/up {stack}, GET /v1/tasks, GET /v1/tasks/{name},
 GET /v1/tasks/{name}/logs, GET /v1/networks, GET /v1/networks/{name},
-POST /v1/networks/{name}/connect|disconnect {task}, POST /v1/down (tears down, then exits).
+POST /v1/networks/{name}/connect|disconnect {task}, POST /v1/run {name, network, command, node}
+(a standalone container), POST /v1/down (tears down, then exits).
 """
 from __future__ import annotations
 
@@ -98,6 +99,13 @@ def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None)
         stack = stack_from_dict((await request.json())["stack"])
         await ctl.up(stack)
         return web.json_response({"tasks": tasks_json()})
+
+    @routes.post("/v1/run")
+    async def run(request):
+        body = await request.json()
+        t = await ctl.run(body.get("name", ""), body.get("network", ""), list(body.get("command") or []),
+                          body.get("node"))
+        return web.json_response(task_view(t, ctl.status(t.name), ctl.desired))
 
     @routes.get("/v1/tasks")
     async def tasks(_):

@@ -107,3 +107,41 @@ def test_down_removes_the_lab(cluster):
     assert left == []
     links = sh(["ip", "-o", "link", "show"], lab.host).stdout
     assert "mhlab" not in links and "mhl1" not in links
+
+
+ATTACH = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2}
+    networks: [front, back]
+networks:
+  front: {attachable: true}
+  back: {}
+"""
+
+
+def test_standalone_containers_join_attachable_overlays_only(lab):
+    path = lab.tmp / "attach.yaml"
+    path.write_text(ATTACH.replace("@ECHO@", lab.echo))
+    lab.mesh("up", "-f", str(path), "--nodes", "2")
+    out = lab.mesh("run", "--name", "probe", "--network", "front", "--node", "n2", "--json", "--",
+                   "sleep", "300").stdout
+    probe = json.loads(out)[0]
+    assert probe["name"] == "probe" and probe["node"] == "n2" and probe["state"] == "running"
+    # it reaches the service by name (VIP) and every task by name across nodes, over the overlay
+    got = lab.exec("probe", "sh", "-c", "for i in 1 2 3 4 5 6; do curl -sS --max-time 3 "
+                   "http://web/; done").stdout
+    assert {line.split()[0] for line in got.splitlines()} == \
+        {f"host={t['hostname']}" for t in lab.json("ps") if t["service"] == "web"}
+    # not on a network that is not attachable, with the reason and nothing changed
+    refused = lab.mesh("run", "--name", "probe2", "--network", "back", "--", "sleep", "300",
+                       check=False)
+    assert refused.returncode != 0 and "not attachable" in refused.stderr
+    assert "networks.back.attachable" in refused.stderr
+    assert "probe2" not in {t["name"] for t in lab.json("ps")}
+    # it outlives a stack update, and goes with service rm
+    lab.mesh("up", "-f", str(path), "--nodes", "2")
+    assert "probe" in {t["name"] for t in lab.json("ps")}
+    lab.mesh("service", "rm", "probe")
+    assert "probe" not in {t["name"] for t in lab.json("ps")}
