@@ -67,6 +67,15 @@ def answers(url: str, netns: str, count: int) -> list[str]:
     return out
 
 
+def spread(url: str, netns: str, want: set[str], at_most: int = 40) -> list[str]:
+    """Answers from `url` until every host of `want` answered (or `at_most` of them): a random
+    balancer may repeat itself, so a fixed small sample would make the test flaky."""
+    got = []
+    while len(got) < at_most and {a.split()[0][5:] for a in got} != want:
+        got += answers(url, netns, 1)
+    return got
+
+
 def udp_ask(netns: str, address: str, port: int, source_port: int = 0) -> str:
     code = ("import socket;s=socket.socket(2,2);s.settimeout(2);"
             f"s.bind(('0.0.0.0',{source_port}));s.connect(('{address}',{port}));s.send(b'x');"
@@ -85,13 +94,13 @@ def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
     web_hosts = hostnames(lab, "web")
     # ingress: every node answers, n2 and n3 have no replica; spread over both; client kept
     for node in ("n1", "n2", "n3"):
-        got = answers(f"http://{addr[node]}:8080/", lab.host, 12)
+        got = spread(f"http://{addr[node]}:8080/", lab.host, web_hosts)
         assert {a.split()[0][5:] for a in got} == web_hosts, (node, got)
         assert all(a.endswith(f"client={HOST_ADDRESS}") for a in got), got
     # a VIP from a task on every node, balanced over the tasks on n1
     for node in ("n1", "n2", "n3"):
         out = lab.exec(f"client.{node}", "sh", "-c",
-                       "getent hosts web; for i in 1 2 3 4 5 6 7 8 9 10; do "
+                       "getent hosts web; for i in $(seq 20); do "
                        "curl -sS --max-time 2 http://web/; done").stdout.split("\n")
         vip = out[0].split()[0]
         assert vip not in {t["networks"]["default"]["address"] for t in lab.json("ps")}
@@ -109,13 +118,18 @@ def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
     # affinity: one client address always reaches the same task (3 replicas, one per node)
     assert len({a.split()[0] for a in answers(f"http://{addr['n2']}:8083/", lab.host, 10)}) == 1
     # UDP through the routing mesh, from a node with no replica, spread by source port
-    seen = {udp_ask(lab.host, addr["n3"], 9090).split()[0] for _ in range(12)}
-    assert {s[5:] for s in seen} == hostnames(lab, "dgram")
+    want, seen = hostnames(lab, "dgram"), set()
+    for _ in range(40):
+        seen.add(udp_ask(lab.host, addr["n3"], 9090).split()[0][5:])
+        if seen == want:
+            break
+    assert seen == want
     # ports are released with their service: a new service claims 8080
     up(lab, MESH.replace("  web:\n", "  other:\n"))
     assert not hostnames(lab, "web")
     other = hostnames(lab, "other")
-    assert {a.split()[0][5:] for a in answers(f"http://{addr['n3']}:8080/", lab.host, 4)} == other
+    got = spread(f"http://{addr['n3']}:8080/", lab.host, other)
+    assert {a.split()[0][5:] for a in got} == other, got
 
 
 def loop(lab, url: str):
