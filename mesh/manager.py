@@ -318,14 +318,8 @@ class ClusterController(Controller):
         out = Readiness()
         for name, task in {**self.desired.tasks, **self.doc.desired.tasks}.items():
             st = self._report(name, task)
-            if not st:
-                continue
-            if st.get("state") == "running":
-                out.alive.add(name)
-            if st.get("ready"):
-                out.ready.add(name)
-            if st.get("missing"):
-                out.missing[name] = (frozenset(st["missing"]), frozenset(st.get("targets", ())))
+            if st:
+                out.add_report(name, st)
         return out
 
     def _serving(self, task: str) -> bool:

@@ -245,14 +245,8 @@ class NodeAgent:
         out = Readiness()
         for name, task in self.agent.applied.tasks.items():
             st = self.remote.get((task.node, name)) if task.node != self.node else None
-            if not st or st.get("id") != task.id:
-                continue
-            if st.get("state") == "running":
-                out.alive.add(name)
-            if st.get("ready"):
-                out.ready.add(name)
-            if st.get("missing"):
-                out.missing[name] = (frozenset(st["missing"]), frozenset(st.get("targets", ())))
+            if st and st.get("id") == task.id:
+                out.add_report(name, st)
         return out
 
     def readiness(self) -> Readiness:

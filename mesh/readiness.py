@@ -76,6 +76,15 @@ class Readiness:
             return not absent or absent != targets
         return port not in absent
 
+    def add_report(self, task: str, report: dict) -> None:
+        """One task as its agent reported it to the store (mesh.nodeagent's status keys)."""
+        if report.get("state") == "running":
+            self.alive.add(task)
+        if report.get("ready"):
+            self.ready.add(task)
+        if report.get("missing"):
+            self.missing[task] = (frozenset(report["missing"]), frozenset(report.get("targets", ())))
+
     def merge(self, other: "Readiness") -> "Readiness":
         return Readiness(self.ready | other.ready, self.alive | other.alive,
                          {**self.missing, **other.missing})
