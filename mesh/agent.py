@@ -107,19 +107,15 @@ class Agent:
         others = {n for n, t in self.applied.tasks.items() if t.node != self.node}
         return self.own_readiness().merge(rd.Readiness(set(others), set(others)))
 
-    def live_tasks(self) -> set[str]:
-        """Tasks whose names resolve (tasks.<service>, names of tasks): ready and not draining."""
-        return self.readiness().ready - self.applied.draining
-
     async def sync_dataplane(self) -> None:
         """DNS, balancers and the host's published ports follow the tasks' readiness."""
         async with self.lock:
-            waiting = bool(self.own_readiness().missing)   # before the snapshot: a task that starts
-            readiness = self.readiness()                    # listening after this look is seen next
-            applied = self.applied
+            readiness, applied = self.readiness(), self.applied
             await asyncio.to_thread(self._sync_lb, applied, readiness)
-        if self.dns is not None:
+        if self.dns is not None:     # names resolve for ready tasks that are not draining
             await self.dns.sync(applied, readiness.ready - applied.draining)
+        # a task of this node not listening yet in this very snapshot: look again soon
+        waiting = any(n in readiness.missing for n in applied.on_node(self.node))
         if waiting:
             self._poll_soon()
         else:
@@ -163,8 +159,7 @@ class Agent:
         repaired by the next sync or resync) does not hold the others back."""
         tables = build_balancers(desired, self.node, readiness)
         for netns in [n for n in self.lb_tables if n not in tables]:
-            self.lb_tables.pop(netns)
-            self._quietly(self.lb.forget, netns)
+            self._quietly(self._forget_balancer, netns)
         for netns, table in tables.items():
             old = self.lb_tables.get(netns, {})
             if self._quietly(self.lb.apply, netns, table):
@@ -299,9 +294,14 @@ class Agent:
                            INGRESS_LOCAL, INGRESS_UPLINK_PREFIX)
         self.nl.sysctl(ing.sandbox, "net.ipv4.ip_forward", "1")
 
+    def _forget_balancer(self, netns: str) -> None:
+        """Drop a namespace's balancer (its namespace goes, or it balances nothing any more), so
+        a namespace made again under that name starts clean."""
+        if self.lb_tables.pop(netns, None) is not None:
+            self.lb.forget(netns)
+
     def _remove_ingress(self, ing: IngressState) -> None:
-        self.lb.forget(ing.sandbox)
-        self.lb_tables.pop(ing.sandbox, None)
+        self._forget_balancer(ing.sandbox)
         self.nl.delete_link(self.host, ing.uplink)
         self.nl.delete_link(self.host, ing.link)
         self.nl.delete_netns(ing.sandbox)
@@ -368,8 +368,7 @@ class Agent:
         self.returns.pop(task.name, None)
         if not task.owns_sandbox or not task.sandbox:
             return
-        if self.lb_tables.pop(task.sandbox, None) is not None:
-            self.lb.forget(task.sandbox)        # a sandbox made again under this name starts clean
+        self._forget_balancer(task.sandbox)
         for ep in task.endpoints:
             self.nl.delete_link(self.host, ep.link)
         self.nl.delete_netns(task.sandbox)
@@ -377,8 +376,7 @@ class Agent:
 
     def _teardown_kernel(self) -> None:
         for netns in list(self.lb_tables):
-            self.lb.forget(netns)
-        self.lb_tables = {}
+            self._forget_balancer(netns)
         self._apply_kernel(DesiredState(), self.applied)
 
     async def teardown(self) -> None:
