@@ -1,46 +1,125 @@
-"""A local cluster in one daemon: lab nodes (mesh.lab), one agent per node, and the placer that
-asks the scheduler (mesh.scheduler) where each task runs.
+"""The local lab in one daemon, on the embedded store: `mesh up -f FILE --nodes N`.
 
-    nodes = make_lab(host_netns, 3)
-    placer = lab_placer(nodes)                # (stack, previous desired) -> ClusterPlacement
-    Controller(agents, nl, host_netns, placer=placer, extra_routes=[UNDERLAY_NET])
+The same pieces as a cluster of separate daemons on etcd (`mesh manager`, `mesh agent`), in one
+process around a MemoryStore: lab node namespaces (mesh.lab), the manager's ClusterController
+(elected through the store, mirroring it, writing /mesh/desired) and one NodeAgent per node
+(registered with a lease, applying its part with its own mesh.agent.Agent in its namespace,
+reporting its tasks). Every change goes through the store as it would on etcd.
 
-Node n1 is the manager, the others are workers (node.role in placement constraints).
+    lab = LocalCluster(host_netns, 3, paths, make_agent, lb)   # blocking: makes the namespaces
+    await lab.start()        # the manager leads and every node has registered
+    lab.ctl                  # what the API calls (mesh.api.build_app + mesh.manager.cluster_middleware)
+    await lab.stop()         # the stack down, each node's leftovers removed, then the namespaces
+
+Node n1 is a manager node, the others workers (node.role in placement constraints). Each node
+keeps its files in <run dir>/nodes/<name>/ (applied.json, logs/).
 """
 from __future__ import annotations
 
-from ipaddress import ip_network
+import asyncio
+import contextlib
+import logging
+import os
 
-from mesh.allocator import ClusterPlacement
-from mesh.lab import UNDERLAY, UNDERLAY_PREFIX, LabNode
-from mesh.model import Stack
-from mesh.scheduler import Node, schedule
-from mesh.state import DesiredState
+from mesh.codec import NodeInfo
+from mesh.election import Election
+from mesh.errors import MeshError
+from mesh.lab import LabNode, make_lab, remove_lab
+from mesh.manager import ClusterController
+from mesh.netlink import Netlink
+from mesh.nodeagent import NodeAgent
+from mesh.paths import Paths
+from mesh.store import MemoryStore
+from mesh.storeops import counted
 
-UNDERLAY_NET = ip_network(f"{UNDERLAY}.0/{UNDERLAY_PREFIX}")
-
-
-def scheduler_nodes(nodes: list[LabNode]) -> list[Node]:
-    return [Node(name=n.name, id=n.name, role="manager" if i == 0 else "worker")
-            for i, n in enumerate(nodes)]
-
-
-def lab_placer(nodes: list[LabNode]):
-    sched = scheduler_nodes(nodes)
-
-    def place(stack: Stack, previous: DesiredState) -> ClusterPlacement:
-        before = {t.name: t.node for t in previous.tasks.values() if t.node}
-        placements = schedule(stack.services, sched, before)
-        return ClusterPlacement(
-            node_netns={n.name: n.netns for n in nodes},
-            underlay={n.name: n.address for n in nodes},
-            tasks=tuple((p.service, p.slot, p.task, p.node) for p in placements if p.node),
-            pending=tuple((p.service, p.task, p.reason or "") for p in placements if not p.node))
-    return place
+log = logging.getLogger("mesh.cluster")
+START_TIMEOUT = 30.0
+MANAGER = "manager"
 
 
-def node_list(nodes: list[LabNode], desired: DesiredState) -> list[dict]:
-    """`mesh node ls`: name, address (reachable from the host namespace), role, state, tasks."""
-    return [{"name": s.name, "address": n.address, "role": s.role, "state": "ready",
-             "tasks": len(desired.on_node(n.name))}
-            for n, s in zip(nodes, scheduler_nodes(nodes))]
+def lab_node_info(node: LabNode, index: int, routes) -> NodeInfo:
+    """What a lab node's agent registers (n1 is a manager node, as in the etcd lab)."""
+    return NodeInfo(name=node.name, address=node.address, role="manager" if index == 0 else "worker",
+                    netns=node.netns, routes=tuple(sorted({str(r) for r in routes})))
+
+
+def node_paths(paths: Paths, node: str) -> Paths:
+    return Paths(os.path.join(paths.root, "nodes", node))
+
+
+class LocalCluster:
+    def __init__(self, host_netns: str | None, count: int, paths: Paths, make_agent, lb: str):
+        """Make the lab's namespaces and wire its pieces; `make_agent(netns, node, paths)` builds a
+        node's mesh.agent.Agent (mesh.daemon.node_agent)."""
+        self.host, self.lb = host_netns, lb
+        self.nl = Netlink()
+        self.made_host = bool(host_netns) and not self.nl.netns_exists(host_netns)
+        self.nodes = make_lab(host_netns, count, self.nl)
+        self.store = counted(MemoryStore(), "lab", "embedded")
+        self.ctl = ClusterController(self.store, MANAGER)
+        self.ctl.lb_name = lb
+        self.election = Election(self.store, MANAGER)
+        self.agents: list[NodeAgent] = []
+        for i, node in enumerate(self.nodes):
+            own = node_paths(paths, node.name)
+            os.makedirs(own.root, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):   # a new lab has applied nothing yet
+                os.unlink(os.path.join(own.root, "applied.json"))
+            info = lab_node_info(node, i, self.nl.routes(node.netns))
+            self.agents.append(NodeAgent(self.store, info, make_agent(node.netns, node.name, own), own))
+        self.manager_jobs: list[asyncio.Future] = []
+        self.agent_jobs: list[asyncio.Future] = []
+        self.agents_stop = asyncio.Event()
+        self.stopped = False
+
+    @property
+    def ping(self) -> dict:
+        return {"host_netns": self.host, "nodes": len(self.nodes), "lb": self.lb}
+
+    async def start(self) -> None:
+        """Run the manager and the node agents; return once it leads and every node is ready."""
+        self.manager_jobs = [
+            asyncio.ensure_future(self.ctl.mirror()),
+            asyncio.ensure_future(self.election.run(self.ctl.on_elected, self.ctl.on_deposed))]
+        self.agent_jobs = [asyncio.ensure_future(a.run(self.agents_stop)) for a in self.agents]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        names = {n.name for n in self.nodes}
+        while not (self.ctl.leading and names <= {n.name for n in self.ctl.doc.nodes
+                                                  if n.state == "ready"}):
+            failed = [job for job in self.manager_jobs + self.agent_jobs if job.done()]
+            if failed:
+                raise MeshError(f"the lab could not start: {failed[0].exception()!r}")
+            if loop.time() > deadline:
+                raise MeshError(f"the lab did not start within {START_TIMEOUT:.0f} s: nodes "
+                                f"registered: {sorted(self.ctl.live)}, leading: {self.ctl.leading}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """The stack down (the agents remove their tasks), every node agent gone with what it
+        made, the manager stopped, the namespaces removed. Safe to call twice."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.ctl.leading and self.ctl.stack is not None:
+            try:
+                await self.ctl.down()
+            except Exception:
+                log.exception("taking the stack down failed: the agents remove what is left")
+        self.agents_stop.set()
+        await asyncio.gather(*self.agent_jobs, return_exceptions=True)
+        for agent in self.agents:
+            try:
+                await agent.leave()
+            except Exception:
+                log.exception("node %s: removing what it made failed", agent.node)
+        for job in self.manager_jobs:
+            job.cancel()
+        await asyncio.gather(*self.manager_jobs, return_exceptions=True)
+        await self.election.resign()
+        await asyncio.to_thread(self.remove)
+
+    def remove(self) -> None:
+        remove_lab(self.host, self.nodes, self.nl)
+        if self.made_host:               # the lab made the host namespace: it goes with the lab
+            self.nl.delete_netns(self.host)

@@ -40,6 +40,7 @@ class NodeInfo:
     state: str = "ready"             # "ready" | "down" (lease expired), set by the leader
     agent_pid: int | None = None     # informational
     error: str | None = None         # the agent's last failed apply, if any
+    applied: int = 0                 # the revision of /mesh/desired it applied last (drain steps)
 
     def placement_key(self) -> tuple:
         """What placement and allocation depend on (a re-registration that changes none of it

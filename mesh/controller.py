@@ -5,8 +5,10 @@ place tasks on nodes) -> build the whole desired state (pure, mesh.allocator) ->
 its part (kernel + processes). A change that fails to allocate touches nothing; one that fails in
 an agent is undone everywhere by applying the previous state again.
 
-    Controller([agent], netlink, host_netns)                       # one host: one agent, node ""
-    Controller(agents, netlink, host_netns, placer=lab_placer)     # a cluster (mesh.cluster)
+    Controller([agent], netlink, host_netns)     # one host: one agent, node "" (mesh.daemon)
+
+A cluster (the one-daemon lab and `mesh manager`) is mesh.manager.ClusterController: the same
+steps, each written to the store for the nodes' agents, with a placer that asks the scheduler.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ DRAIN_SETTLE = 0.3           # connections already on their way when the balance
 
 
 class Controller:
-    def __init__(self, agents, netlink, host_netns: str | None, placer=None, extra_routes=()):
+    def __init__(self, agents, netlink, host_netns: str | None, placer=None):
         self.agents = {a.node: a for a in agents}
         self.nl = netlink
         self.host = host_netns
@@ -39,7 +41,6 @@ class Controller:
         self.changing = asyncio.Lock()
         self.standalone: dict[str, Service] = {}   # mesh run: standalone containers, by name
         self.start_wait = START_WAIT
-        self.extra_routes = list(extra_routes)
         self.desired = DesiredState()
         self.stack: Stack | None = None
         self.connections: tuple[tuple[str, str], ...] = ()
@@ -71,8 +72,8 @@ class Controller:
 
     async def _routes(self):
         if self.host and not self.nl.netns_exists(self.host):
-            return list(self.extra_routes)
-        return await asyncio.to_thread(self.nl.routes, self.host) + self.extra_routes
+            return []
+        return await asyncio.to_thread(self.nl.routes, self.host)
 
     async def _apply_all(self, desired: DesiredState) -> None:
         """One step of a change: every node applies `desired` (raises if one fails; the caller
@@ -83,8 +84,6 @@ class Controller:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        if len(self.agents) > 1:
-            self.kick()          # each agent synced with the others' tasks as they were mid-change
 
     async def _restore(self) -> None:
         """Every node back to the last recorded state (also undoes a drain that was under way)."""

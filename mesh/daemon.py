@@ -1,12 +1,11 @@
-"""The daemon, mesh's composition root: wires Netlink, NftCli, Supervisor, the DNS resolver, Agent
-and Controller, and serves the API (aiohttp) on a unix socket. `mesh up` starts it when none runs for the host namespace.
+"""The daemon, mesh's composition root: wires Netlink, NftCli, Supervisor, the DNS resolver and
+a node's Agent, with a Controller (one host) or the local lab on the embedded store (mesh.cluster:
+a ClusterController and one NodeAgent per lab node around a MemoryStore), and serves the API
+(mesh.api) on a unix socket. `mesh up` starts it when none runs for the host namespace.
 
-    mesh daemon [--host-netns NAME]          # normally started for you by `mesh up`
+    mesh daemon [--host-netns NAME] [--nodes N] [--lb auto|ipvs|nftables]   # started by mesh up
 
-API (JSON): GET /v1/ping, POST /v1/up {stack}, GET /v1/tasks, GET /v1/tasks/{name},
-GET /v1/tasks/{name}/logs, GET /v1/networks, GET /v1/networks/{name},
-POST /v1/networks/{name}/connect|disconnect {task}, POST /v1/run {name, network, command, node}
-(a standalone container), POST /v1/down (tears down, then exits).
+`mesh down` (POST /v1/down) takes the stack down, removes the lab, and the daemon exits.
 """
 from __future__ import annotations
 
@@ -18,23 +17,20 @@ import signal
 from aiohttp import web
 
 from mesh.agent import Agent, host_resolv
-from mesh.cluster import UNDERLAY_NET, lab_placer, node_list
+from mesh.api import build_app
+from mesh.cluster import LocalCluster
+from mesh.manager import cluster_middleware
 from mesh.controller import Controller
 from mesh.dns.server import Resolver
 from mesh.dnsagent import DnsAgent, HostSockets
 from mesh.etcfiles import upstream_servers
-from mesh.errors import Conflict, MeshError, NotFound
-from mesh.lab import make_lab, remove_lab
 from mesh.lb.base import make_lb, resolve_choice
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
 from mesh.paths import Paths
 from mesh.runtime import Supervisor
-from mesh.spec import stack_from_dict
-from mesh.views import network_list, service_list, task_view
 
 log = logging.getLogger("mesh.daemon")
-STATUS = {NotFound: 404, Conflict: 409}
 
 
 def _resync_interval(text: str) -> float:
@@ -49,110 +45,6 @@ def _resync_interval(text: str) -> float:
 RESYNC_INTERVAL = _resync_interval(os.environ.get("MESH_LB_RESYNC", "60"))
 
 
-@web.middleware
-async def errors(request, handler):
-    try:
-        return await handler(request)
-    except MeshError as exc:
-        return web.json_response({"error": str(exc)}, status=STATUS.get(type(exc), 400))
-    except web.HTTPException:
-        raise
-    except Exception as exc:           # a bug or an unexpected kernel answer: say what, not just 500
-        log.exception("request %s %s failed", request.method, request.path)
-        return web.json_response({"error": f"internal error: {type(exc).__name__}: {exc} "
-                                           f"(the daemon's log has the details)"}, status=500)
-
-
-def build_app(ctl: Controller, stop: asyncio.Event, lab=(), remove=lambda: None) -> web.Application:
-    routes = web.RouteTableDef()
-
-    def tasks_json():
-        return [task_view(t, ctl.status(t.name), ctl.desired) for t in ctl.desired.tasks.values()]
-
-    @routes.get("/v1/ping")
-    async def ping(_):
-        return web.json_response({"host_netns": ctl.host, "pid": os.getpid(), "nodes": len(lab),
-                                  "lb": ctl.lb_name})
-
-    @routes.get("/v1/nodes")
-    async def nodes(_):
-        if not lab:
-            raise Conflict("this daemon runs a single host, not a cluster (mesh up --nodes N)")
-        return web.json_response(node_list(lab, ctl.desired))
-
-    @routes.get("/v1/services")
-    async def services(_):
-        return web.json_response(service_list(ctl.desired, ctl.status))
-
-    @routes.post("/v1/services/{name}/scale")
-    async def scale(request):
-        await ctl.scale(request.match_info["name"], (await request.json())["replicas"])
-        return web.json_response(service_list(ctl.desired, ctl.status))
-
-    @routes.post("/v1/services/{name}/rm")
-    async def remove_service(request):
-        await ctl.remove_service(request.match_info["name"])
-        return web.json_response(service_list(ctl.desired, ctl.status))
-
-    @routes.post("/v1/up")
-    async def up(request):
-        stack = stack_from_dict((await request.json())["stack"])
-        await ctl.up(stack)
-        return web.json_response({"tasks": tasks_json()})
-
-    @routes.post("/v1/run")
-    async def run(request):
-        body = await request.json()
-        t = await ctl.run(body.get("name", ""), body.get("network", ""), list(body.get("command") or []),
-                          body.get("node"))
-        return web.json_response(task_view(t, ctl.status(t.name), ctl.desired))
-
-    @routes.get("/v1/tasks")
-    async def tasks(_):
-        return web.json_response(tasks_json())
-
-    @routes.get("/v1/tasks/{name}")
-    async def task(request):
-        t = ctl.task(request.match_info["name"])
-        return web.json_response({**task_view(t, ctl.status(t.name), ctl.desired),
-                                  "log": ctl.log_path(t.name)})
-
-    @routes.get("/v1/tasks/{name}/logs")
-    async def logs(request):
-        path = ctl.log_path(request.match_info["name"])
-        text = open(path, errors="replace").read() if os.path.exists(path) else ""
-        return web.Response(text=text)
-
-    @routes.get("/v1/networks")
-    async def networks(_):
-        return web.json_response(network_list(ctl.desired))
-
-    @routes.get("/v1/networks/{name}")
-    async def network(request):
-        found = [n for n in network_list(ctl.desired) if n["name"] == request.match_info["name"]]
-        if not found:
-            raise NotFound(f"no network named '{request.match_info['name']}' (mesh network ls)")
-        return web.json_response(found[0])
-
-    @routes.post("/v1/networks/{name}/{action:connect|disconnect}")
-    async def connect(request):
-        body = await request.json()
-        action = getattr(ctl, request.match_info["action"])
-        t = await action(request.match_info["name"], body["task"])
-        return web.json_response(task_view(t, ctl.status(t.name), ctl.desired))
-
-    @routes.post("/v1/down")
-    async def down(_):
-        await ctl.down()
-        await asyncio.to_thread(remove)
-        stop.set()
-        return web.json_response({"down": True})
-
-    app = web.Application(middlewares=[errors])
-    app.add_routes(routes)
-    return app
-
-
 def node_agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Paths,
                lb: str = "auto") -> Agent:
     """One node's agent with its own resolver (upstream sockets made in that node's namespace)
@@ -162,25 +54,42 @@ def node_agent(host: str | None, node: str, nl: Netlink, nft: NftCli, paths: Pat
     return Agent(host, nl, nft, Supervisor(paths.logs, host), dns, node=node, lb=make_lb(resolve_choice(lb), nft))
 
 
+class OneHost:
+    """This host as the one node: a Controller over one agent (node "")."""
+
+    def __init__(self, host_netns: str | None, paths: Paths, lb: str):
+        nl = Netlink()
+        self.ctl = Controller([node_agent(host_netns, "", nl, NftCli(), paths, lb)], nl, host_netns)
+        self.ctl.lb_name = lb
+        self.ping = {"nodes": 0}
+        self.middlewares = []
+        self.resyncer: asyncio.Task | None = None
+        self.stopped = False
+
+    async def start(self) -> None:
+        self.resyncer = asyncio.create_task(resync_forever(self.ctl))
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.resyncer is not None:
+            self.resyncer.cancel()
+        await self.ctl.down()
+        for agent in self.ctl.agents.values():
+            await agent.dns.resolver.close()
+
+
 def compose(host_netns: str | None, nodes: int, paths: Paths, lb: str = "auto"):
-    """(controller, lab nodes, cleanup) — one agent on the host, or a lab of `nodes` nodes."""
-    nl, nft = Netlink(), NftCli()
+    """One host (OneHost), or a lab of `nodes` nodes on the embedded store (mesh.cluster)."""
     lb = resolve_choice(lb)
     if not nodes:
-        ctl = Controller([node_agent(host_netns, "", nl, nft, paths, lb)], nl, host_netns)
-        ctl.lb_name = lb
-        return ctl, [], lambda: None
-    made_host = bool(host_netns) and not nl.netns_exists(host_netns)
-    lab = make_lab(host_netns, nodes, nl)
-    agents = [node_agent(n.netns, n.name, nl, nft, paths, lb) for n in lab]
-    ctl = Controller(agents, nl, host_netns, placer=lab_placer(lab), extra_routes=[UNDERLAY_NET])
-    ctl.lb_name = lb
-
-    def remove() -> None:
-        remove_lab(host_netns, lab, nl)
-        if made_host:                    # the lab made the host namespace: it goes with the lab
-            nl.delete_netns(host_netns)
-    return ctl, lab, remove
+        return OneHost(host_netns, paths, lb)
+    nl, nft = Netlink(), NftCli()
+    cluster = LocalCluster(host_netns, nodes, paths,
+                           lambda netns, node, own: node_agent(netns, node, nl, nft, own, lb), lb)
+    cluster.middlewares = [cluster_middleware(cluster.ctl, cluster.ping)]
+    return cluster
 
 
 async def resync_forever(ctl: Controller, every: float = RESYNC_INTERVAL) -> None:
@@ -196,8 +105,7 @@ async def resync_forever(ctl: Controller, every: float = RESYNC_INTERVAL) -> Non
 async def serve(host_netns: str | None, nodes: int = 0, lb: str = "auto") -> None:
     paths = Paths.for_host(host_netns)
     os.makedirs(paths.root, exist_ok=True)
-    ctl, lab, remove = await asyncio.to_thread(compose, host_netns, nodes, paths, lb)
-    resyncer = asyncio.create_task(resync_forever(ctl))
+    whole = await asyncio.to_thread(compose, host_netns, nodes, paths, lb)
     stop = asyncio.Event()
 
     def on_signal(sig: int) -> None:
@@ -206,25 +114,26 @@ async def serve(host_netns: str | None, nodes: int = 0, lb: str = "auto") -> Non
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
-    runner = web.AppRunner(build_app(ctl, stop, lab, remove))
-    await runner.setup()
-    if os.path.exists(paths.socket):
-        os.unlink(paths.socket)
-    await web.UnixSite(runner, paths.socket).start()
-    with open(paths.pid_file, "w") as f:
-        f.write(str(os.getpid()))
-    log.info("mesh daemon serving %s (host namespace: %s, nodes: %s)", paths.socket,
-             host_netns or "root", len(lab) or "this host")
+    runner = None
     try:
+        await whole.start()
+        app = build_app(whole.ctl, stop, whole.stop, whole.ping)
+        app.middlewares.extend(whole.middlewares)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        if os.path.exists(paths.socket):
+            os.unlink(paths.socket)
+        await web.UnixSite(runner, paths.socket).start()
+        with open(paths.pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        log.info("mesh daemon serving %s (host namespace: %s, nodes: %s)", paths.socket,
+                 host_netns or "root", nodes or "this host")
         await stop.wait()
         await asyncio.sleep(0.05)      # let the response to /v1/down go out
     finally:
-        resyncer.cancel()
-        await ctl.down()
-        for agent in ctl.agents.values():
-            await agent.dns.resolver.close()
-        await asyncio.to_thread(remove)
-        await runner.cleanup()
+        await whole.stop()
+        if runner is not None:
+            await runner.cleanup()
         for path in (paths.socket, paths.pid_file):
             if os.path.exists(path):
                 os.unlink(path)

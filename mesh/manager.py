@@ -2,7 +2,7 @@
 
     mesh manager --store etcd://10.0.0.5:2379 [--node-name m1] [--host-netns NAME]
 
-It serves the daemon's HTTP API (mesh.daemon.build_app) on the unix socket of its host namespace,
+It serves the daemon's HTTP API (mesh.api.build_app) on the unix socket of its host namespace,
 so `mesh up/ps/service .../node ls/inspect/logs/exec/down` work against it. Several managers may
 run; one leads (mesh.election). Every manager mirrors the store (one watch on /mesh/) and answers
 reads from that mirror; only the leader changes anything, and a standby answers a change with 409
@@ -20,8 +20,9 @@ drained first, changed tasks replaced one at a time (each back in the balancers 
 change at a time, the last state written back when a step fails — because each step is one write
 of /mesh/desired (ClusterController._apply_all) followed by a wait, bounded by MESH_APPLY_TIMEOUT
 (30 s), until every registered node's reports show it applied: its tasks reported with their ids,
-a restarted task reported with a new start, a removed task's report gone. A step that only drains
-(balancers, DNS: nothing a report shows) waits MESH_APPLY_SETTLE (1 s) instead. A task restarting
+a restarted task reported with a new start, a removed task's report gone; a step that drains
+(balancers, DNS: nothing a task report shows) also waits until every node's record acknowledges
+the revision of /mesh/desired it applied (NodeInfo.applied). A task restarting
 is written draining first and back once reported anew, so no other node balances to it on its old
 report. Readiness and task states come from the reports; whether a draining task still serves
 connections is read from its process when its node is on this machine (a lab), otherwise its
@@ -48,7 +49,7 @@ from mesh.agent import restart_key
 from mesh.allocator import ClusterPlacement
 from mesh.codec import ClusterDoc, CodecError, NodeInfo, decode, decode_doc, encode
 from mesh.controller import Controller
-from mesh.daemon import build_app
+from mesh.api import build_app
 from mesh.election import Election
 from mesh.errors import Conflict, MeshError
 from mesh.netns import NETNS_DIR
@@ -63,7 +64,6 @@ log = logging.getLogger("mesh.manager")
 DOWN_TIMEOUT = 60.0
 UNREPORTED = {"state": "assigned", "pid": None, "exit_code": None, "restarts": 0}
 APPLY_TIMEOUT = float(os.environ.get("MESH_APPLY_TIMEOUT", "30"))   # a step's wait for the reports
-APPLY_SETTLE = float(os.environ.get("MESH_APPLY_SETTLE", "1"))      # a drain-only step's wait
 
 
 def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> ClusterPlacement:
@@ -82,7 +82,8 @@ def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> Clu
 def node_table(known: tuple[NodeInfo, ...], live: dict[str, NodeInfo]) -> tuple[NodeInfo, ...]:
     """Every node the cluster knows, sorted: the registered ones ready, the others down (pure)."""
     out = {n.name: replace(n, state="down") for n in known}
-    out.update({name: replace(n, state="ready", agent_pid=None, error=None) for name, n in live.items()})
+    out.update({name: replace(n, state="ready", agent_pid=None, error=None, applied=0)
+                for name, n in live.items()})
     return tuple(out[name] for name in sorted(out))
 
 
@@ -99,7 +100,7 @@ class ClusterController(Controller):
     def __init__(self, store: Store, name: str):
         # host None: names the manager derives (bridge links) must not depend on which manager leads
         super().__init__([], None, None, placer=self._place)
-        self.apply_timeout, self.apply_settle = APPLY_TIMEOUT, APPLY_SETTLE
+        self.apply_timeout = APPLY_TIMEOUT
         self._next: tuple | None = None          # (stack, conns, disconns, node table) of a change
         self._superseded = False                 # another manager wrote: nothing to restore
         self.store, self.name = store, name
@@ -256,6 +257,7 @@ class ClusterController(Controller):
             return                                   # written already (the last step of a change)
         before, reports = self.doc.desired, dict(self.statuses)
         errors = {name: n.error for name, n in self.live.items()}
+        drains = bool(doc.desired.draining - before.draining)
         await self._publish(doc, record=False)
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -266,6 +268,8 @@ class ClusterController(Controller):
                 raise MeshError("; ".join(f"node {name} could not apply the change: {error}"
                                           for name, error in failed))
             waiting = self._unapplied(before, doc.desired, reports)
+            if drains:     # the balancers' part, which no report shows: each node acknowledges it
+                waiting |= {name for name, n in self.live.items() if n.applied < self.doc_rev}
             if not waiting:
                 break
             if loop.time() - start >= self.apply_timeout:
@@ -273,8 +277,6 @@ class ClusterController(Controller):
                             ", ".join(sorted(waiting)[:10]))
                 break
             await asyncio.sleep(0.05)
-        if doc.desired.draining - before.draining:      # the balancers' part: no report shows it
-            await asyncio.sleep(max(0.0, start + self.apply_settle - loop.time()))
 
     def _unapplied(self, before: DesiredState, after: DesiredState, reports: dict) -> set[str]:
         """node/task of every registered node whose reports do not show `after` applied yet."""
@@ -373,8 +375,9 @@ for _name in ("up", "scale", "remove_service", "connect", "disconnect"):
     setattr(ClusterController, _name, _locked(getattr(Controller, _name)))
 
 
-def cluster_middleware(ctl: ClusterController):
-    """The routes that differ from the daemon's: nodes come from the store, ping says who leads."""
+def cluster_middleware(ctl: ClusterController, ping: dict | None = None):
+    """The routes that differ from the daemon's: nodes come from the store, ping says who leads
+    (and adds `ping`: the one-daemon lab's node count and load balancer)."""
     @web.middleware
     async def middleware(request, handler):
         if request.method == "GET" and request.path == "/v1/nodes":
@@ -382,7 +385,7 @@ def cluster_middleware(ctl: ClusterController):
         if request.method == "GET" and request.path == "/v1/ping":
             return web.json_response({"host_netns": None, "pid": os.getpid(), "nodes": 0,
                                       "manager": ctl.name, "leader": ctl.leader_name,
-                                      "leading": ctl.leading})
+                                      "leading": ctl.leading, **(ping or {})})
         return await handler(request)
     return middleware
 

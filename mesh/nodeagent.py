@@ -10,7 +10,9 @@ Its host namespace is the one it runs in (host_netns None). It
   when it expires the leader marks the node down and moves its tasks;
 - watches /mesh/desired and applies the latest ClusterDoc's desired state with mesh.agent.Agent
   (built as the daemon builds a node's agent), which runs only this node's tasks; changes that
-  arrive while an apply runs coalesce into the next one;
+  arrive while an apply runs coalesce into the next one; when tasks are draining (or were) it
+  writes the revision it applied into its node record (NodeInfo.applied): the manager's drain
+  step waits for it, as no task report shows that the balancers let go of a task;
 - reports each task's state at /mesh/status/<name>/<task> (put with its lease, so a dead node's
   reports vanish with it) whenever it changes: running, health, and whether it takes traffic
   (mesh.readiness: ready, and the published ports it does not listen on yet);
@@ -101,6 +103,8 @@ class NodeAgent:
         self.state_path = os.path.join(paths.root, "applied.json")
         self.keeper: LeaseKeeper | None = None
         self.wanted: ClusterDoc | None = None
+        self.wanted_rev = 0
+        self.acked = 0                  # the revision of /mesh/desired the node record shows applied
         self.wanted_changed = asyncio.Event()
         self.status_dirty = asyncio.Event()
         self.reported: dict[str, dict] = {}
@@ -138,7 +142,7 @@ class NodeAgent:
         self.status_dirty.set()
 
     async def _put_info(self) -> None:
-        info = replace(self.info, agent_pid=os.getpid(), error=self.error)
+        info = replace(self.info, agent_pid=os.getpid(), error=self.error, applied=self.acked)
         await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
         self.error_shown = self.error
 
@@ -160,28 +164,37 @@ class NodeAgent:
         async for kind, item in follow(self.store, DESIRED):
             if kind == "snapshot":
                 kv = next((kv for kv in item if kv.key == DESIRED), None)
-                self._want(kv.value if kv else None)
+                self._want(kv.value if kv else None, kv.mod_revision if kv else 0)
             elif item.kv.key == DESIRED:
-                self._want(item.kv.value if item.kind == "put" else None)
+                self._want(item.kv.value if item.kind == "put" else None, item.kv.mod_revision)
 
-    def _want(self, value: bytes | None) -> None:
+    def _want(self, value: bytes | None, revision: int) -> None:
         try:
             self.wanted = decode_doc(value) if value else ClusterDoc()
         except CodecError as exc:
             log.error("cannot read the desired state: %s", exc)
             return
+        self.wanted_rev = revision
         self.wanted_changed.set()
 
     async def apply_loop(self) -> None:
         while True:
             await self.wanted_changed.wait()
             self.wanted_changed.clear()
-            doc = self.wanted
+            doc, revision, before = self.wanted, self.wanted_rev, self.agent.applied
             options = doc.stack.dns if doc.stack else DnsOptions()
-            if doc.desired == self.agent.applied and options == self.dns_options and not self.error:
-                continue
-            await self._apply(doc.desired, options)
-            self.status_dirty.set()
+            if doc.desired != before or options != self.dns_options or self.error:
+                await self._apply(doc.desired, options)
+                self.status_dirty.set()
+            # a step that drains shows in no task report: the node record says it is applied
+            ack = bool(doc.desired.draining or before.draining) and revision > self.acked
+            if ack:
+                self.acked = revision
+            if ack or self.error != self.error_shown:
+                try:
+                    await self._put_info()
+                except (StoreError, OSError) as exc:
+                    log.warning("updating the node record: %s", exc)
 
     async def _apply(self, desired: DesiredState, options: DnsOptions) -> None:
         if self.agent.dns is not None:
@@ -195,11 +208,6 @@ class NodeAgent:
         else:
             self.error = None
             await asyncio.to_thread(save_applied, self.state_path, desired)
-        if self.error != self.error_shown:          # the node record shows the last failure
-            try:
-                await self._put_info()
-            except (StoreError, OSError) as exc:
-                log.warning("updating the node record: %s", exc)
 
     # -- task reports ------------------------------------------------------------------------
     def _statuses(self) -> dict[str, dict]:

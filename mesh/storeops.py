@@ -57,6 +57,12 @@ async def connect(url: str, role: str = "", name: str = "") -> Store:
     except (StoreError, OSError) as exc:
         await store.close()
         raise MeshError(f"--store {url}: etcd does not answer ({type(exc).__name__}: {exc})") from None
+    return counted(store, role, name)
+
+
+def counted(store: Store, role: str, name: str) -> Store:
+    """`store`, counting its calls into MESH_STORE_COUNTS/<role>-<name>-<pid>.json when that
+    variable names a directory (bench/converge's round trips per change)."""
     directory = os.environ.get("MESH_STORE_COUNTS")
     if directory:
         return CountingStore(store, os.path.join(directory, f"{role}-{name}-{os.getpid()}.json"))

@@ -190,10 +190,14 @@ def etcd_run(tmp: Path, replicas: int, ttl: float) -> dict:
         sh(["ip", "netns", "del", host], check=False)
 
 
-def lab_run(tmp: Path, replicas: int) -> float:
-    """The anchor: the same scale in the one-daemon lab (agents in-process, embedded store)."""
+def lab_run(tmp: Path, replicas: int) -> tuple[float, dict]:
+    """The anchor: the same scale in the one-daemon lab (the manager and the three agents in one
+    process around the embedded store); its store calls are counted the same way."""
     host = f"mesh-cv{secrets.token_hex(3)}"
-    env = {**os.environ, "MESH_RUN_DIR": str(tmp / "lab-run"), "PYTHONSAFEPATH": "1"}
+    counts_dir = tmp / "lab-counts"
+    counts_dir.mkdir()
+    env = {**os.environ, "MESH_RUN_DIR": str(tmp / "lab-run"), "PYTHONSAFEPATH": "1",
+           "MESH_STORE_COUNTS": str(counts_dir)}
     path = tmp / "stack.yaml"
     path.write_text(STACK)
     mesh = [sys.executable, "-m", "mesh", "--host-netns", host]
@@ -202,12 +206,15 @@ def lab_run(tmp: Path, replicas: int) -> float:
                        capture_output=True, timeout=120)
         sock = str(tmp / "lab-run" / host / "api.sock")
         wait(lambda: len(web_running(sock)) == 1, 60, "web.1 running")
-        return timed_scale(sock, replicas)
+        counts = Counts(counts_dir)
+        before = counts.settled()
+        scale_s = timed_scale(sock, replicas)
+        return scale_s, summarize(delta(before, counts.settled()))
     finally:
         subprocess.run(mesh + ["down"], env=env, capture_output=True, timeout=120)
 
 
-def report(etcd: dict, anchor: float, replicas: int) -> None:
+def report(etcd: dict, anchor: float, embedded: dict, replicas: int) -> None:
     s, d = etcd["scale_store"], etcd["node_death_store"]
     print(f"\nscale web=1 -> web={replicas} on 3 nodes (API call to {replicas} running):")
     print(f"  etcd, separate manager + agents   {etcd['scale_s']:.2f} s")
@@ -216,7 +223,8 @@ def report(etcd: dict, anchor: float, replicas: int) -> None:
     print(f"\nnode death (n3, running {', '.join(etcd['moved']) or 'no web task'}) -> every web task "
           f"running elsewhere:\n  {etcd['node_death_s']:.2f} s, of which up to {etcd['lease_ttl_s']:.0f} s "
           f"is the node lease's TTL (MESH_LEASE_TTL)")
-    for title, st in ((f"scale to {replicas}", s), ("node death", d)):
+    for title, st in ((f"scale to {replicas}", s), ("node death", d),
+                      (f"scale to {replicas}, one-daemon lab on the embedded store", embedded)):
         print(f"\nstore round trips for the change '{title}': {st['round_trips']} "
               f"(+ {st['watch_events']} watch events pushed; {st['heartbeats_meanwhile']} lease "
               f"keepalives went on meanwhile)")
@@ -239,14 +247,15 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="mesh-converge-") as tmp:
         etcd = etcd_run(Path(tmp), args.replicas, args.ttl)
-        anchor = lab_run(Path(tmp), args.replicas)
+        anchor, embedded = lab_run(Path(tmp), args.replicas)
         if args.keep:
             for log in Path(tmp).glob("etcd-lab/*.log"):
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 (Path(args.keep) / log.name).write_bytes(log.read_bytes())
-    report(etcd, anchor, args.replicas)
+    report(etcd, anchor, embedded, args.replicas)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({**etcd, "anchor_scale_s": anchor}, indent=2))
+        Path(args.json_out).write_text(json.dumps({**etcd, "anchor_scale_s": anchor,
+                                                   "anchor_store": embedded}, indent=2))
     return 0
 
 

@@ -1,6 +1,8 @@
-"""A 3-node lab in one daemon: node namespaces on an underlay bridge in the test's host namespace,
-one agent per node, tasks spread by the scheduler, overlay networks across nodes."""
+"""A 3-node lab in one daemon on the embedded store: node namespaces on an underlay bridge in the
+test's host namespace, a manager and one agent per node around a MemoryStore, tasks spread by the
+scheduler, overlay networks across nodes."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,20 @@ def test_nodes_spread_global_constraints_and_pending(cluster):
     ps = json.loads(lab.mesh("service", "ps", "nowhere", "--json").stdout)
     assert ps["tasks"] == [] and "node.labels.zone==mars" in ps["pending"][0]["reason"]
     assert "pending" in lab.mesh("service", "ps", "nowhere").stdout
+
+
+def test_the_lab_runs_a_manager_and_an_agent_per_node_on_the_embedded_store(cluster):
+    lab = cluster
+    ping = json.loads(sh(["curl", "-sS", "--unix-socket", f"{lab.env['MESH_RUN_DIR']}/{lab.host}/api.sock",
+                          "http://mesh/v1/ping"]).stdout)
+    assert (ping["nodes"], ping["manager"], ping["leader"], ping["leading"]) == (3, "manager", "manager", True)
+    # each node's agent applied its own part of the desired state it read from the store
+    ts = tasks(lab)
+    for node in ("n1", "n2", "n3"):
+        applied = json.loads((Path(lab.env["MESH_RUN_DIR"]) / lab.host / "nodes" / node /
+                              "applied.json").read_text())
+        mine = {n for n, t in ts.items() if t["node"] == node}
+        assert mine and {n for n, t in applied["tasks"].items() if t.get("node") == node} == mine
 
 
 def test_overlay_dns_and_host_mode_ports_across_nodes(cluster):

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from mesh.codec import ClusterDoc, NodeInfo, decode_doc, encode
+from mesh.codec import ClusterDoc, NodeInfo, decode, decode_doc, encode
 from mesh.election import Election
 from mesh.errors import Conflict
 from mesh.manager import ClusterController, cluster_routes, node_table, placement
@@ -204,11 +204,12 @@ async def test_a_deposed_leader_cannot_overwrite_the_new_leaders_state():
 
 
 class ReportingNodes:
-    """Nodes whose 'agents' apply every /mesh/desired at once and report each task running and
-    ready (a new start time whenever its definition changes); `docs` is every state they saw."""
+    """Nodes whose 'agents' apply every /mesh/desired at once, report each task running and
+    ready (a new start time whenever its definition changes) and acknowledge each revision in
+    their node record (what a step that only drains waits for); `docs` is every state they saw."""
 
-    def __init__(self, store, names):
-        self.store, self.names = store, names
+    def __init__(self, store, names, ack: bool = True):
+        self.store, self.names, self.ack = store, names, ack
         self.docs: list[DesiredState] = []
         self.starts: dict[str, tuple] = {}
         self.seen = 0
@@ -234,6 +235,10 @@ class ReportingNodes:
                                          lease=keeper.lease)
                 for key in reported - {(t.node, n) for n, t in desired.tasks.items()}:
                     await self.store.delete(f"{STATUS}{key[0]}/{key[1]}")
+                for i, name in enumerate(self.names if self.ack else ()):
+                    await self.store.put(NODES + name, encode(replace(info(name, i + 1),
+                                                                      applied=kv.mod_revision)),
+                                         lease=keeper.lease)
                 reported = {(t.node, n) for n, t in desired.tasks.items()}
                 self.seen = kv.mod_revision
 
@@ -243,7 +248,7 @@ async def test_a_change_on_the_store_drains_and_replaces_one_task_at_a_time():
     store = MemoryStore()
     nodes = ReportingNodes(store, ["n1", "n2"])
     m1 = Manager(store, "m1")
-    m1.ctl.apply_timeout, m1.ctl.apply_settle = 2.0, 0.01
+    m1.ctl.apply_timeout = 2.0
     await until(lambda: m1.ctl.leading and len(m1.ctl.doc.nodes) == 2, what="m1 leads, knows 2 nodes")
     rolling = "services:\n  web: {command: sleep 300, deploy: {replicas: 2}, environment: {GEN: '@'}}\n"
     await m1.ctl.up(load_stack(rolling.replace("@", "1"), name="s"))
@@ -271,6 +276,30 @@ async def test_a_change_on_the_store_drains_and_replaces_one_task_at_a_time():
     await until(lambda: nodes.seen == m1.ctl.doc_rev, what="the last step seen")
     assert [(sorted(d.tasks), sorted(d.draining)) for d in nodes.docs] == [
         (["web.1", "web.2"], ["web.2"]), (["web.1"], [])]
+    nodes.job.cancel()
+    await m1.crash()
+    await store.close()
+
+
+@run
+async def test_a_drain_step_waits_until_every_node_acknowledges_it(caplog):
+    store = MemoryStore()
+    nodes = ReportingNodes(store, ["n1", "n2"], ack=False)
+    m1 = Manager(store, "m1")
+    m1.ctl.apply_timeout = 0.5
+    await until(lambda: m1.ctl.leading and len(m1.ctl.doc.nodes) == 2, what="m1 leads")
+    await m1.ctl.up(load_stack("services:\n  web: {command: sleep 300, deploy: {replicas: 2}}\n",
+                               name="s"))
+    await until(lambda: m1.ctl.readiness().ready == {"web.1", "web.2"}, what="reports read")
+    assert "going on after" not in caplog.text           # no drain: the task reports suffice
+    await m1.ctl.scale("web", 1)                         # drains web.2: no report shows that
+    waited = [r.getMessage() for r in caplog.records if "going on after" in r.getMessage()]
+    assert waited and "n1" in waited[0] and "n2" in waited[0], waited
+    caplog.clear()
+    nodes.ack = True                                     # nodes that acknowledge: no waiting
+    await m1.ctl.scale("web", 2)
+    await m1.ctl.scale("web", 1)
+    assert "going on after" not in caplog.text
     nodes.job.cancel()
     await m1.crash()
     await store.close()
@@ -385,6 +414,16 @@ async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
     await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack, serial=9)))
     await asyncio.sleep(0.1)
     assert len(agent.applies) == n_applies             # nothing of this node changed: no apply
+    async def read_record():
+        return decode(NodeInfo, (await store.get(NODES + "n1")).value)
+    assert (await read_record()).applied == 0          # no drain: the task reports show it all
+    revision = await store.put(DESIRED, encode(ClusterDoc(
+        desired=replace(desired, draining=frozenset([mine[0]])), stack=stack, serial=10)))
+    for _ in range(200):                               # a drain: the node record acknowledges it
+        if (await read_record()).applied == revision:
+            break
+        await asyncio.sleep(0.01)
+    assert (await read_record()).applied == revision
     stop.set()
     await job
     await node.leave()
