@@ -25,9 +25,9 @@ a restarted task reported with a new start, a removed task's report gone; a step
 the revision of /mesh/desired it applied (NodeInfo.applied). A task restarting
 is written draining first and back once reported anew, so no other node balances to it on its old
 report. Readiness and task states come from the reports; whether a draining task still serves
-connections is read from its process when its node is on this machine (a lab), otherwise its
-drain timeout (x-mesh: drain_timeout, 10 s) runs out. A node that reports an error while applying
-fails the step: the last state is written back.
+connections is read from its process when its node is on this machine (a lab), otherwise from its
+agent's report (`serving`), bounded by its drain timeout (x-mesh: drain_timeout, 10 s). A node
+that reports an error while applying fails the step: the last state is written back.
 
 `mesh down` removes the stack (the agents tear down what they made), waits for the agents to
 report nothing left, and stops this manager, as `mesh down` stops the daemon.
@@ -326,13 +326,14 @@ class ClusterController(Controller):
 
     def _serving(self, task: str) -> bool:
         """A draining task's connections: seen from its process when its node is on this machine
-        (a lab); on another host they cannot be seen, so its drain timeout runs out."""
+        (a lab), otherwise as its agent reports them (`serving`; until that report: yes)."""
         node = self.live.get(self.desired.tasks[task].node)
-        if node is None or not self.status(task).get("pid"):
+        status = self.status(task)
+        if node is None or not status.get("pid"):
             return False
         if node.netns and os.path.exists(os.path.join(NETNS_DIR, node.netns)):
             return super()._serving(task)
-        return True
+        return bool(status.get("serving", True))
 
     def status(self, task: str) -> dict:
         t = self.task(task)

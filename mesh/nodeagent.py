@@ -14,8 +14,10 @@ Its host namespace is the one it runs in (host_netns None). It
   writes the revision it applied into its node record (NodeInfo.applied): the manager's drain
   step waits for it, as no task report shows that the balancers let go of a task;
 - reports each task's state at /mesh/status/<name>/<task> (put with its lease, so a dead node's
-  reports vanish with it) whenever it changes: running, health, and whether it takes traffic
-  (mesh.readiness: ready, and the published ports it does not listen on yet);
+  reports vanish with it) whenever it changes: running, health, whether it takes traffic
+  (mesh.readiness: ready, and the published ports it does not listen on yet), and for a draining
+  task whether it still serves connections (`serving`, looked at every 0.2 s while it drains):
+  a manager on another host ends the drain when it turns false;
 - watches the other nodes' reports: its balancers and DNS send traffic to a task of another node
   only once that node reports it ready (in the one-daemon lab the controller tells every agent);
 - keeps the state it last applied in <run dir>/applied.json. After `kill -9` and a restart it
@@ -45,7 +47,7 @@ from mesh.netlink import Netlink
 from mesh.netns import NETNS_DIR
 from mesh.nft import NftCli
 from mesh.paths import Paths
-from mesh.readiness import Readiness
+from mesh.readiness import Readiness, established_connections
 from mesh.runtime import kill_leftovers
 from mesh.state import DesiredState
 from mesh.store import Store, StoreError
@@ -55,6 +57,7 @@ from mesh.storeops import (DESIRED, LEASE_TTL, NODES, STATUS, LeaseKeeper, conne
 log = logging.getLogger("mesh.nodeagent")
 RETRY = 1.0
 POLL = 2.0                      # the supervisor does not report a first start: look this often
+DRAIN_POLL = 0.2                # while a task drains: whether it still serves connections
 REPORTED = ("state", "pid", "exit_code", "restarts", "started_at", "health", "health_failing_streak")
 
 
@@ -112,6 +115,7 @@ class NodeAgent:
         self.error: str | None = None
         self.error_shown: str | None = None
         self.remote: dict[tuple[str, str], dict] = {}     # other nodes' reports
+        self.connections = established_connections      # (pid, addresses) -> connections served
         # every kick of the agent (a task changed state, or started listening) is a report to
         # send; and the agent learns other nodes' readiness from their reports, not from itself
         sup, kick = agent.sup, agent.kick
@@ -219,6 +223,9 @@ class NodeAgent:
             out[name] = {**{k: st[k] for k in REPORTED if k in st}, "id": task.id,
                          "log": sup.log_path(name), "ready": name in own.ready,
                          "missing": sorted(absent), "targets": sorted(targets)}
+            if name in self.agent.applied.draining:     # the manager waits for this to be false
+                out[name]["serving"] = bool(st.get("pid")) and self.connections(
+                    st["pid"], {e.address for e in task.endpoints}) > 0
         return out
 
     # -- other nodes' tasks ------------------------------------------------------------------
@@ -265,7 +272,8 @@ class NodeAgent:
     async def report_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.status_dirty.wait(), POLL)
+                await asyncio.wait_for(self.status_dirty.wait(),
+                                       DRAIN_POLL if self.agent.applied.draining else POLL)
             except asyncio.TimeoutError:
                 pass
             self.status_dirty.clear()

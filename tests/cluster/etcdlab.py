@@ -33,6 +33,11 @@ def enter(netns: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{netns}"]
 
 
+# run a command with /run/netns empty (a private mount namespace: nothing leaks to the host's)
+HIDE_NETNS = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              'mount -t tmpfs mesh-elsewhere /run/netns && exec "$0" "$@"']
+
+
 
 class NetnsEtcd(EtcdServer):
     """EtcdServer listening on the lab's host address inside the host namespace."""
@@ -120,10 +125,11 @@ class EtcdLab:
     def node(self, name: str):
         return next(n for n in self.nodes if n.name == name)
 
-    def _spawn(self, key: str, netns: str, args: list[str], run_dir: Path) -> subprocess.Popen:
+    def _spawn(self, key: str, netns: str, args: list[str], run_dir: Path,
+               wrap: list[str] = ()) -> subprocess.Popen:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.tmp / f"{key}.log", "ab") as log:
-            proc = subprocess.Popen(enter(netns) + [sys.executable, "-m", "mesh", *args],
+            proc = subprocess.Popen(enter(netns) + [*wrap, sys.executable, "-m", "mesh", *args],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     env=self.env(run_dir), start_new_session=True)
         self.procs[key] = proc
@@ -135,10 +141,12 @@ class EtcdLab:
                            ["agent", "--store", self.url, "--node-name", name,
                             "--address", node.address, *extra], self.agent_run)
 
-    def start_manager(self, name: str) -> subprocess.Popen:
+    def start_manager(self, name: str, elsewhere: bool = False) -> subprocess.Popen:
+        """A manager in the lab's host namespace; `elsewhere`: as on another machine, it cannot
+        see the node namespaces (a private mount namespace with an empty /run/netns)."""
         return self._spawn(f"manager-{name}", self.host,
                            ["manager", "--store", self.url, "--node-name", name],
-                           self.tmp / name)
+                           self.tmp / name, HIDE_NETNS if elsewhere else [])
 
     def kill(self, key: str, sig: int = signal.SIGKILL, wait: float = 15.0) -> None:
         """Signal a process by its PID and wait for it (SIGKILL if it outlives `wait`)."""

@@ -259,3 +259,71 @@ def test_mesh_up_with_store_runs_the_lab_as_separate_daemons(tmp_path):
             mesh("down", check=False)
         etcd.stop()
         sh(["ip", "netns", "del", host])
+
+
+LINES = f"""
+services:
+  lines:
+    command: "{SYSTEM_PYTHON} {ECHO} 85 lines"
+    deploy: {{replicas: 2, placement: {{constraints: ["node.hostname==n1"]}}}}
+    ports: ["8085:85"]
+    x-mesh: {{drain_timeout: 60}}
+"""
+
+HOLD = """import socket, sys
+while True:
+    s = socket.create_connection((sys.argv[1], 8085), timeout=5); f = s.makefile('rw')
+    f.write('hi\\n'); f.flush(); line = f.readline()
+    if sys.argv[2] in line: break
+    s.close()
+print('connected', flush=True)
+for l in sys.stdin:
+    f.write('again\\n'); f.flush(); print(f.readline().strip(), flush=True)
+"""
+
+
+def test_a_manager_on_another_host_ends_a_drain_when_the_agent_reports_it_idle(tmp_path):
+    """The manager cannot see the nodes' namespaces (as on another machine): whether a draining
+    task still serves connections comes from its agent's report. A scale-down waits while a
+    client holds a connection to the leaving task and ends soon after the client closes, long
+    before the drain timeout (60 s)."""
+    host = f"mesh-t{secrets.token_hex(3)}"
+    sh(["ip", "netns", "add", host])
+    try:
+        sh(["ip", "link", "set", "lo", "up"], host)
+        with EtcdLab(tmp_path, host, nodes=2, ttl=3) as c:
+            c.start_agent("n1")
+            c.start_agent("n2")
+            c.start_manager("m1", elsewhere=True)
+            c.wait_leader("m1")
+            c.wait_nodes("m1", {"n1", "n2"})
+            path = tmp_path / "lines.yaml"
+            path.write_text(LINES)
+            c.cli("m1", "up", "-f", str(path))
+            ts = c.wait_running("m1", ["lines.1", "lines.2"])
+            held = subprocess.Popen(["ip", "netns", "exec", host, SYSTEM_PYTHON, "-c", HOLD,
+                                     "10.97.0.2", ts["lines.2"]["hostname"]],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert held.stdout.readline().strip() == "connected"
+                scale = subprocess.Popen([sys.executable, "-m", "mesh", "service", "scale", "lines=1"],
+                                         env=c.env(c.tmp / "m1"), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+                time.sleep(2.0)
+                assert scale.poll() is None, "the scale-down did not wait for the open connection"
+                held.stdin.write("x\n")
+                held.stdin.flush()
+                assert ts["lines.2"]["hostname"] in held.stdout.readline()   # it goes on
+                held.stdin.close()                                         # the client finishes
+                held.wait(10)
+                closed = time.monotonic()
+                assert scale.wait(60) == 0, scale.stderr.read()
+                waited = time.monotonic() - closed
+            finally:
+                held.kill()
+                held.wait()
+            assert waited < 20, f"the drain ran {waited:.1f} s after the last connection closed"
+            assert sorted(c.tasks("m1")) == ["lines.1"]
+            c.cli("m1", "down")
+    finally:
+        sh(["ip", "netns", "del", host])

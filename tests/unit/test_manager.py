@@ -433,6 +433,68 @@ async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
 
 
 @run
+async def test_a_draining_task_is_reported_serving_until_its_connections_end(tmp_path):
+    store = MemoryStore()
+    stack = load_stack(STACK, name="s")
+    from mesh.allocator import build_desired
+    desired = build_desired(stack, DesiredState(), [], None,
+                            cluster=placement(stack, DesiredState(), (info("n1", 1, "manager"),)))
+    node, agent = agent_setup(store, tmp_path)
+    open_connections = {"n": 2}
+    node.connections = lambda pid, addresses: open_connections["n"]
+    stop = asyncio.Event()
+    job = asyncio.ensure_future(node.run(stop))
+
+    async def report(task):
+        kv = await store.get(f"{STATUS}n1/{task}")
+        return json.loads(kv.value) if kv else {}
+    await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack)))
+    await until(lambda: agent.applied == desired, what="applied")
+    for _ in range(200):
+        if (await report("web.1")).get("state") == "running":
+            break
+        await asyncio.sleep(0.01)
+    assert "serving" not in await report("web.1")       # not draining: nothing to say
+    await store.put(DESIRED, encode(ClusterDoc(desired=replace(desired, draining=frozenset(["web.1"])),
+                                               stack=stack)))
+    for _ in range(200):
+        if (await report("web.1")).get("serving") is True:
+            break
+        await asyncio.sleep(0.01)
+    assert (await report("web.1"))["serving"] is True
+    assert "serving" not in await report("boss.1")      # only the draining task
+    open_connections["n"] = 0                            # the last client went away
+    for _ in range(300):
+        if (await report("web.1")).get("serving") is False:
+            break
+        await asyncio.sleep(0.01)
+    assert (await report("web.1"))["serving"] is False
+    stop.set()
+    await job
+    await node.leave()
+    await store.close()
+
+
+def test_a_manager_on_another_host_reads_a_drain_from_the_report():
+    ctl = ClusterController(MemoryStore(), "m1")
+    stack = load_stack("services:\n  web: {command: sleep 300}\n", name="s")
+    table = (info("n1", 1),)                    # its namespace mesh-h-n1 is not on this machine
+    from mesh.allocator import build_desired
+    ctl.desired = build_desired(stack, DesiredState(), [], None,
+                                cluster=placement(stack, DesiredState(), table))
+    ctl.live = {"n1": table[0]}
+    task = ctl.desired.tasks["web.1"]
+    ctl.statuses[("n1", "web.1")] = {"id": task.id, "state": "running", "pid": 4242}
+    assert ctl._serving("web.1")                # no word yet: it may still serve
+    ctl.statuses[("n1", "web.1")]["serving"] = True
+    assert ctl._serving("web.1")
+    ctl.statuses[("n1", "web.1")]["serving"] = False
+    assert not ctl._serving("web.1")
+    ctl.statuses[("n1", "web.1")] = {"id": "another", "state": "running", "pid": 4242, "serving": True}
+    assert not ctl._serving("web.1")            # a report of an older task says nothing of this one
+
+
+@run
 async def test_node_agent_adopts_what_it_had_applied(tmp_path):
     store = MemoryStore()
     stack = load_stack(STACK, name="s")
