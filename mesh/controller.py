@@ -22,6 +22,7 @@ from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
 from mesh.model import Attachment, DnsOptions, Placement, Service, Stack
 from mesh.readiness import Readiness, established_connections
+from mesh.spec_models import RESERVED_TASK_NAME
 from mesh.state import DesiredState, TaskState
 
 log = logging.getLogger("mesh.controller")
@@ -236,6 +237,9 @@ class Controller:
                            "(mesh up -f FILE first)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name or ""):
             raise Conflict(f"--name: '{name}' is not a valid name (letters, digits, '_', '.', '-')")
+        if name == RESERVED_TASK_NAME:
+            raise Conflict(f"--name: the name '{name}' is reserved: each node's routing-mesh "
+                           f"namespace is named after it")
         if name in self.stack.services or name in self.desired.tasks:
             raise Conflict(f"--name: '{name}' is already a service or task (mesh ps lists them)")
         net = self.stack.networks.get(network)

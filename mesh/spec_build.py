@@ -16,8 +16,9 @@ from mesh.model import (DEFAULT_NETWORK, DnsOptions, Attachment, Healthcheck, Ip
                         Network, Placement, Port, Service, Stack)
 from mesh.spec_ports import show
 from mesh.spec_models import (CONSTRAINT_RE, ENV_KEY_RE, NAME_RE, NAME_RULE, NO_PORTS, PROJECT_RE,
-                               RESERVED_NETWORKS, AttachSpec, DeploySpec, HealthcheckSpec,
-                               IpamConfigSpec, NetworkSpec, PlacementSpec, ServiceSpec, StackSpec)
+                               RESERVED_NETWORKS, RESERVED_TASK_NAME, AttachSpec, DeploySpec,
+                               HealthcheckSpec, IpamConfigSpec, NetworkSpec, PlacementSpec,
+                               ServiceSpec, StackSpec)
 
 
 # ---- semantic checks: the validated models -> mesh.model --------------------------------------
@@ -375,6 +376,11 @@ class Builder:
                   if not svc.container_name
                   for slot in range(1, (1 if svc.mode == "global" else svc.replicas) + 1)}
         for svc in (s for s in services.values() if s.container_name):
+            if svc.container_name == RESERVED_TASK_NAME:
+                self.error(f"services.{svc.name}.container_name",
+                           f"the name {RESERVED_TASK_NAME!r} is reserved: each node's routing-mesh "
+                           f"namespace is named after it")
+                continue
             owner = owners.setdefault(svc.container_name, f"services.{svc.name}")
             if owner != f"services.{svc.name}":
                 self.error(f"services.{svc.name}.container_name",

@@ -20,6 +20,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 CONSTRAINT_RE = re.compile(r"\s*node\.(hostname|role|id|labels\.[A-Za-z0-9_.-]+)\s*(==|!=)\s*(\S.*?)\s*")
 RESERVED_NETWORKS = ("bridge", "host", "none")
+RESERVED_TASK_NAME = "ingress"      # a node's ingress namespace is <node>-ingress, as a task's sandbox
 NO_PORTS = {
     "host": "network_mode: host runs the service in the host's network stack, where its ports are "
             "already reachable: ports cannot be published (remove `ports`)",

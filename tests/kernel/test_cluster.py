@@ -156,6 +156,11 @@ def test_standalone_containers_join_attachable_overlays_only(lab):
     assert refused.returncode != 0 and "not attachable" in refused.stderr
     assert "networks.back.attachable" in refused.stderr
     assert "probe2" not in {t["name"] for t in lab.json("ps")}
+    # not under the name of the nodes' routing-mesh namespaces (<node>-ingress)
+    refused = lab.mesh("run", "--name", "ingress", "--network", "front", "--", "sleep", "300",
+                       check=False)
+    assert refused.returncode != 0 and "'ingress' is reserved" in refused.stderr
+    assert "ingress" not in {t["name"] for t in lab.json("ps")}
     # it outlives a stack update, and goes with service rm
     lab.mesh("up", "-f", str(path), "--nodes", "2")
     assert "probe" in {t["name"] for t in lab.json("ps")}

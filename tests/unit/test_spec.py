@@ -423,6 +423,7 @@ INVALID = [
     ("services: {web: {container_name: x}, api: {container_name: x}}", "services.api.container_name",
      "already taken by services.web"),
     ("services: {web: {}, api: {container_name: web.1}}", "services.api.container_name", "already taken"),
+    ("services: {web: {container_name: ingress}}", "services.web.container_name", "reserved"),
     ("services: {web: {hostname: " + "h" * 64 + "}}", "services.web.hostname", "at most 63"),
     ("services: {web: {container_name: '-x'}}", "services.web.container_name", "starting with a letter"),
     ("services: {'we b': {}}", "services.we b", "invalid service name"),
