@@ -17,6 +17,7 @@ import shutil
 from dataclasses import replace
 
 from mesh import readiness as rd
+from mesh.coalesce import Coalescing
 from mesh.etcfiles import render_hosts, render_resolv_conf
 from mesh.hostrules import render_delete_table, render_host_table
 from mesh.lb.conntrack import flush_udp_to, removed_udp_backends
@@ -71,8 +72,7 @@ class Agent:
         self.nft = nft
         self.sup = supervisor
         self.dns = dns                   # a DnsAgent, or None for no embedded resolver
-        self.kicker: asyncio.Task | None = None
-        self.dirty = False
+        self.resyncs = Coalescing(self.sync_dataplane, "data-plane resync")
         self.relisten: asyncio.TimerHandle | None = None
         self.poll_delay = 0.1
         supervisor.on_change = self.kick
@@ -130,21 +130,11 @@ class Agent:
 
     def _relisten(self) -> None:
         self.relisten = None
-        self.sup.on_change()     # as a task state change: in a lab, every node's agent resyncs
+        self.sup.on_change()     # as a task state change: a resync (and, on a store, a report)
 
     def kick(self) -> None:
         """A task changed state: resync soon; a burst of changes coalesces, none is lost."""
-        self.dirty = True
-        if self.kicker is None or self.kicker.done():
-            self.kicker = asyncio.get_running_loop().create_task(self._drain_kicks())
-
-    async def _drain_kicks(self) -> None:
-        while self.dirty:
-            self.dirty = False
-            try:
-                await self.sync_dataplane()
-            except Exception:
-                log.exception("data-plane resync failed")
+        self.resyncs.kick()
 
     def resync_lb(self) -> None:
         """The periodic repair: every balancer rewritten whole from memory (worker thread)."""

@@ -48,6 +48,7 @@ from aiohttp import web
 from mesh.agent import restart_key
 from mesh.allocator import ClusterPlacement
 from mesh.codec import ClusterDoc, CodecError, NodeInfo, decode, decode_doc, encode
+from mesh.coalesce import Coalescing
 from mesh.controller import Controller
 from mesh.api import build_app
 from mesh.election import Election
@@ -111,8 +112,7 @@ class ClusterController(Controller):
         self.statuses: dict[tuple[str, str], dict] = {}
         self.lock = asyncio.Lock()
         self.synced = asyncio.Event()
-        self._kick: asyncio.Task | None = None
-        self._dirty = False
+        self.replacing = Coalescing(self.reconcile, "re-placing after a node change")
 
     # -- the mirror of /mesh/ ---------------------------------------------------------------
     async def mirror(self) -> None:
@@ -181,17 +181,7 @@ class ClusterController(Controller):
 
     def kick(self) -> None:
         """Nodes changed: re-place soon; a burst of changes coalesces into one write."""
-        self._dirty = True
-        if self._kick is None or self._kick.done():
-            self._kick = asyncio.get_running_loop().create_task(self._replace_soon())
-
-    async def _replace_soon(self) -> None:
-        while self._dirty:
-            self._dirty = False
-            try:
-                await self.reconcile()
-            except Exception:
-                log.exception("re-placing after a node change failed")
+        self.replacing.kick()
 
     async def reconcile(self) -> None:
         async with self.lock:
