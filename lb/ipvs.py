@@ -18,6 +18,10 @@ Per namespace:
   "sh" always gets the sh-fallback flag so a draining (weight 0) backend hands its clients to
   another backend instead of refusing them. Weight 0 = drain: no new connections, established
   ones go on (`expire_nodest_conn=1` drops connections only when the backend is removed).
+- idle timeouts: IPVS forgets an idle TCP connection after 900 s (its default), long before
+  netfilter does (nf_conntrack_tcp_timeout_established, 5 days): Swarm's silent drop of idle
+  connections. mesh sets IPVS's established-TCP timeout to the namespace's conntrack one
+  (IPVS_CMD_SET_CONFIG, `ipvsadm --set`; pyroute2 has no helper for it: `set_tcp_timeout`).
 - sysctls: net.ipv4.vs.conntrack=1 (NAT by netfilter on IPVS traffic), expire_nodest_conn=1
   (connections to a removed backend fail at once instead of hanging), conn_reuse_mode=1 (the
   kernel default, set explicitly: a new TCP connection reusing the tuple of an old one is
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from socket import AF_INET
@@ -51,6 +56,7 @@ MARK_BASE, MARK_SPAN = 0x6d000000, 1 << 24      # mesh's fwmarks: 0x6d000001 .. 
 FWD_MASQ = 0                                     # IP_VS_CONN_F_MASQ (pyroute2 defaults to 3, DR)
 F_HASHED, F_SH_FALLBACK = 0x0002, 0x0008         # IP_VS_SVC_F_HASHED (kernel-internal), _SCHED1
 SYSCTLS = {"conntrack": "1", "expire_nodest_conn": "1", "conn_reuse_mode": "1"}
+CONNTRACK_TCP_ESTABLISHED = 432000               # netfilter's default, when it cannot be read
 
 # A service id: an int is an IPv4 fwmark service (mesh makes only those); anything else the kernel
 # holds is (af, protocol, address, port, fwmark).
@@ -291,6 +297,27 @@ def set_sysctls() -> None:
             f.write(value)
 
 
+def conntrack_tcp_timeout() -> int:
+    """Seconds netfilter keeps an idle established TCP connection, in this thread's namespace."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return CONNTRACK_TCP_ESTABLISHED
+
+
+def set_tcp_timeout(ipvs, seconds: int) -> None:
+    """IPVS's idle timeout of established TCP connections (ipvsadm --set TCP 0 0); the others
+    (0) stay as they are."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.generic.ipvs import IPVS_CMD_SET_CONFIG, ipvsmsg
+    msg = ipvsmsg()
+    msg["cmd"], msg["version"] = IPVS_CMD_SET_CONFIG, 1
+    # pyroute2 maps the timeouts as raw ("hex") attributes: the kernel's u32, in host byte order
+    msg["attrs"] = [("IPVS_CMD_ATTR_TIMEOUT_TCP", struct.pack("=I", seconds))]
+    ipvs.nlm_request(msg, msg_type=ipvs.asyncore.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+
+
 def owned(view: dict, netns: str | None) -> dict:
     """The services mesh may change: all of a namespace of its own; only its fwmarks elsewhere."""
     return view if netns is not None else {k: v for k, v in view.items() if is_mesh_mark(k)}
@@ -344,6 +371,7 @@ class IpvsLb:
         """Make the kernel exactly `table`, whatever it holds: read IPVS back, rewrite nft whole."""
         with ipvs_in(netns) as ipvs:
             set_sysctls()
+            set_tcp_timeout(ipvs, conntrack_tcp_timeout())
             ops = plan_ops(owned(read_view(ipvs), netns), build_view(table, marks))
             self._run(ipvs, netns, ops, render_full(table, marks))
 

@@ -4,6 +4,7 @@ has no ip_vs; tests/kernel/test_lb_backends.py runs both backends, the IPVS one 
 Clients are real: curl and Python sockets in the test's host namespace (which reaches every node's
 underlay address) and inside tasks (`mesh exec`)."""
 import json
+import re
 import subprocess
 import time
 
@@ -327,6 +328,9 @@ def test_the_routing_mesh_on_the_ipvs_backend(lab):
     ingress = f"{lab.host}-n2-ingress"
     table = sh(["ipvsadm", "-Ln"], ingress).stdout
     assert "FWM" in table and table.count("Masq") == 2, table
+    timeouts = sh(["ipvsadm", "-L", "--timeout"], ingress).stdout      # no idle drop at 900 s
+    assert re.search(r"Timeout \(tcp tcpfin udp\): (\d+) ", timeouts).group(1) == \
+        sh(["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_timeout_established"], ingress).stdout.strip()
     out = lab.exec("client.1", "sh", "-c", "for i in 1 2 3 4 5 6 7 8; do curl -sS --max-time 5 "
                    "http://web/; done", timeout=300).stdout
     assert {line.split()[0][5:] for line in out.splitlines() if line} == web_hosts, out

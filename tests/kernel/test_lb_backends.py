@@ -210,6 +210,13 @@ def test_a_vip_in_the_clients_own_namespace_balances_across_all_backends(world, 
         assert_ipvs_is(world, lb, table)     # one fwmark service per protocol, Masq, port 0 (the client's)
         for name in ("conntrack", "expire_nodest_conn"):
             assert sh(["sysctl", "-n", f"net.ipv4.vs.{name}"], world.c).stdout.strip() == "1"
+        # no silent drop of idle connections after IPVS's 900 s: as long as conntrack keeps them
+        established = sh(["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_timeout_established"],
+                         world.c).stdout.strip()
+        timeouts = re.search(r"Timeout \(tcp tcpfin udp\): (\d+) (\d+) (\d+)",
+                             sh(["ipvsadm", "-L", "--timeout"], world.c).stdout)
+        assert timeouts and timeouts.groups() == (established, "120", "300"), timeouts
+        assert established != "900"
 
 
 @pytest.mark.parametrize("masquerade", [True, False])
