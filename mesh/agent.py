@@ -63,8 +63,8 @@ class Agent:
         self.host_text: str | None = None    # the host table last applied
         self.host_pubs: tuple = ()           # its publications
         self.returns: dict = {}          # task -> ReturnRoutes applied in its sandbox
-        # () -> Readiness cluster-wide; the controller of a lab gives every agent the union of
-        # all agents' own views; alone, tasks of other nodes count as ready
+        # () -> Readiness cluster-wide: in a cluster its NodeAgent gives it its own tasks' and the
+        # other nodes' reports (mesh.nodeagent); alone, tasks of other nodes count as ready
         self.readiness = self.default_readiness
         self.node = node                 # in a cluster: this agent's node; it runs only its tasks
         self.overlay = OverlayPlan()

@@ -12,7 +12,11 @@ reporting its tasks). Every change goes through the store as it would on etcd.
     await lab.stop()         # the stack down, each node's leftovers removed, then the namespaces
 
 Node n1 is a manager node, the others workers (node.role in placement constraints). Each node
-keeps its files in <run dir>/nodes/<name>/ (applied.json, logs/).
+keeps its files in <run dir>/nodes/<name>/ (applied.json, logs/; `mesh down` sweeps them when the
+daemon was killed). Each node registers its own routes and the host namespace's (a network's subnet
+overlaps none), and its lease lives 30 s (in one process no node dies alone; a stalled loop must not
+expire them all). Stopping waits for a change under way, takes the stack down, then each agent
+finishes its apply and removes what it made.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from mesh.storeops import counted
 log = logging.getLogger("mesh.cluster")
 START_TIMEOUT = 30.0
 MANAGER = "manager"
+LEASE_TTL = 30.0    # in one process no node dies alone; a stalled loop must not expire every lease
 
 
 def lab_node_info(node: LabNode, index: int, routes) -> NodeInfo:
@@ -58,15 +63,18 @@ class LocalCluster:
         self.store = counted(MemoryStore(), "lab", "embedded")
         self.ctl = ClusterController(self.store, MANAGER)
         self.ctl.lb_name = lb
-        self.election = Election(self.store, MANAGER)
+        self.election = Election(self.store, MANAGER, ttl=LEASE_TTL)
         self.agents: list[NodeAgent] = []
+        host_routes = self.nl.routes(host_netns)
         for i, node in enumerate(self.nodes):
             own = node_paths(paths, node.name)
             os.makedirs(own.root, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):   # a new lab has applied nothing yet
                 os.unlink(os.path.join(own.root, "applied.json"))
-            info = lab_node_info(node, i, self.nl.routes(node.netns))
-            self.agents.append(NodeAgent(self.store, info, make_agent(node.netns, node.name, own), own))
+            # a subnet must overlap neither the node's routes nor the host namespace's
+            info = lab_node_info(node, i, self.nl.routes(node.netns) + host_routes)
+            self.agents.append(NodeAgent(self.store, info, make_agent(node.netns, node.name, own), own,
+                                         ttl=LEASE_TTL))
         self.manager_jobs: list[asyncio.Future] = []
         self.agent_jobs: list[asyncio.Future] = []
         self.agents_stop = asyncio.Event()
@@ -101,23 +109,28 @@ class LocalCluster:
         if self.stopped:
             return
         self.stopped = True
-        if self.ctl.leading and self.ctl.stack is not None:
+        if self.ctl.leading:        # waits for a change under way (the first `up` too)
             try:
                 await self.ctl.down()
             except Exception:
                 log.exception("taking the stack down failed: the agents remove what is left")
-        self.agents_stop.set()
+        await self.election.resign()          # before its job is cancelled: the lease is revoked
+        for job in self.manager_jobs + [self.ctl.replacing.task]:
+            if job is not None:
+                job.cancel()
+        await asyncio.gather(*self.manager_jobs, return_exceptions=True)
+        self.agents_stop.set()                # each agent finishes the apply under way first
         await asyncio.gather(*self.agent_jobs, return_exceptions=True)
         for agent in self.agents:
             try:
                 await agent.leave()
             except Exception:
                 log.exception("node %s: removing what it made failed", agent.node)
-        for job in self.manager_jobs:
-            job.cancel()
-        await asyncio.gather(*self.manager_jobs, return_exceptions=True)
-        await self.election.resign()
         await asyncio.to_thread(self.remove)
+
+    def jobs(self) -> list[asyncio.Future]:
+        """What runs while the lab serves: one ending means the lab no longer works."""
+        return self.manager_jobs + self.agent_jobs
 
     def remove(self) -> None:
         remove_lab(self.host, self.nodes, self.nl)

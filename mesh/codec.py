@@ -41,6 +41,7 @@ class NodeInfo:
     agent_pid: int | None = None     # informational
     error: str | None = None         # the agent's last failed apply, if any
     applied: int = 0                 # the revision of /mesh/desired it applied last (drain steps)
+    failed: int = 0                  # the revision whose apply failed (with `error`), if any
 
     def placement_key(self) -> tuple:
         """What placement and allocation depend on (a re-registration that changes none of it

@@ -264,7 +264,7 @@ class Controller:
             raise
         if name not in desired.tasks:
             reason = next((r for s, _, r in desired.pending if s == name), "not placed")
-            await self.remove_service(name)
+            await self._remove_service(name)
             raise Conflict(f"--node: the container cannot be placed: {reason}")
         return desired.tasks[name]
 
@@ -287,6 +287,9 @@ class Controller:
         return await self._build_and_apply(stack, self.connections, self.disconnections)
 
     async def remove_service(self, name: str) -> DesiredState:
+        return await self._remove_service(name)
+
+    async def _remove_service(self, name: str) -> DesiredState:
         self._service(name)
         services = {k: v for k, v in self.stack.services.items() if k != name}
         if not services:

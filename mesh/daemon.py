@@ -69,6 +69,9 @@ class OneHost:
     async def start(self) -> None:
         self.resyncer = asyncio.create_task(resync_forever(self.ctl))
 
+    def jobs(self) -> list[asyncio.Future]:
+        return [self.resyncer]
+
     async def stop(self) -> None:
         if self.stopped:
             return
@@ -116,7 +119,14 @@ async def serve(host_netns: str | None, nodes: int = 0, lb: str = "auto") -> Non
         asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
     runner = None
     try:
-        await whole.start()
+        starting = asyncio.ensure_future(whole.start())
+        await asyncio.wait([starting, asyncio.ensure_future(stop.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():                  # a signal while the lab starts
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        starting.result()
         app = build_app(whole.ctl, stop, whole.stop, whole.ping)
         app.middlewares.extend(whole.middlewares)
         runner = web.AppRunner(app)
@@ -128,7 +138,14 @@ async def serve(host_netns: str | None, nodes: int = 0, lb: str = "auto") -> Non
             f.write(str(os.getpid()))
         log.info("mesh daemon serving %s (host namespace: %s, nodes: %s)", paths.socket,
                  host_netns or "root", nodes or "this host")
-        await stop.wait()
+        waiter = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([waiter, *whole.jobs()], return_when=asyncio.FIRST_COMPLETED)
+        if whole.stopped:                       # mesh down under way: it sets `stop` when done
+            await waiter
+        for job in done - {waiter}:
+            if not job.cancelled() and not whole.stopped:   # a part of the daemon ended: stop
+                log.error("stopping: part of the daemon ended: %r", job.exception())
+        waiter.cancel()
         await asyncio.sleep(0.05)      # let the response to /v1/down go out
     finally:
         await whole.stop()

@@ -83,7 +83,7 @@ def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> Clu
 def node_table(known: tuple[NodeInfo, ...], live: dict[str, NodeInfo]) -> tuple[NodeInfo, ...]:
     """Every node the cluster knows, sorted: the registered ones ready, the others down (pure)."""
     out = {n.name: replace(n, state="down") for n in known}
-    out.update({name: replace(n, state="ready", agent_pid=None, error=None, applied=0)
+    out.update({name: replace(n, state="ready", agent_pid=None, error=None, applied=0, failed=0)
                 for name, n in live.items()})
     return tuple(out[name] for name in sorted(out))
 
@@ -253,7 +253,7 @@ class ClusterController(Controller):
         start = loop.time()
         while True:
             failed = [(name, n.error) for name, n in self.live.items()
-                      if n.error and n.error != errors.get(name)]
+                      if n.error and (n.error != errors.get(name) or n.failed == self.doc_rev)]
             if failed:
                 raise MeshError("; ".join(f"node {name} could not apply the change: {error}"
                                           for name, error in failed))
@@ -362,7 +362,7 @@ def _locked(method):
     return call
 
 
-for _name in ("up", "scale", "remove_service", "connect", "disconnect"):
+for _name in ("up", "run", "scale", "remove_service", "connect", "disconnect"):
     setattr(ClusterController, _name, _locked(getattr(Controller, _name)))
 
 
@@ -410,10 +410,11 @@ async def serve_manager(url: str, name: str, host_netns: str | None) -> None:
                 raise job.exception()
         await asyncio.sleep(0.05)          # let the answer to /v1/down go out
     finally:
-        for job in jobs:
-            job.cancel()
+        await election.resign()          # first: its lease is revoked, a standby leads at once
+        for job in jobs + [ctl.replacing.task]:
+            if job is not None:
+                job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
-        await election.resign()
         await runner.cleanup()
         await store.close()
         with contextlib.suppress(FileNotFoundError):

@@ -19,7 +19,7 @@ Its host namespace is the one it runs in (host_netns None). It
   task whether it still serves connections (`serving`, looked at every 0.2 s while it drains):
   a manager on another host ends the drain when it turns false;
 - watches the other nodes' reports: its balancers and DNS send traffic to a task of another node
-  only once that node reports it ready (in the one-daemon lab the controller tells every agent);
+  only once that node reports it ready (in the one-daemon lab too: mesh.cluster);
 - keeps the state it last applied in <run dir>/applied.json. After `kill -9` and a restart it
   loads that state as what it has applied, re-attaches to the task processes still running
   (pid files with their start time), and kills those it no longer knows; the first apply then
@@ -108,6 +108,8 @@ class NodeAgent:
         self.wanted: ClusterDoc | None = None
         self.wanted_rev = 0
         self.acked = 0                  # the revision of /mesh/desired the node record shows applied
+        self.failed = 0                 # the revision whose apply failed last
+        self.applying = asyncio.Lock()
         self.wanted_changed = asyncio.Event()
         self.status_dirty = asyncio.Event()
         self.reported: dict[str, dict] = {}
@@ -146,7 +148,8 @@ class NodeAgent:
         self.status_dirty.set()
 
     async def _put_info(self) -> None:
-        info = replace(self.info, agent_pid=os.getpid(), error=self.error, applied=self.acked)
+        info = replace(self.info, agent_pid=os.getpid(), error=self.error, applied=self.acked,
+                       failed=self.failed if self.error else 0)
         await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
         self.error_shown = self.error
 
@@ -187,14 +190,20 @@ class NodeAgent:
             self.wanted_changed.clear()
             doc, revision, before = self.wanted, self.wanted_rev, self.agent.applied
             options = doc.stack.dns if doc.stack else DnsOptions()
-            if doc.desired != before or options != self.dns_options or self.error:
-                await self._apply(doc.desired, options)
-                self.status_dirty.set()
-            # a step that drains shows in no task report: the node record says it is applied
-            ack = bool(doc.desired.draining or before.draining) and revision > self.acked
+            async with self.applying:          # a stopping agent lets an apply finish
+                if doc.desired != before or options != self.dns_options or self.error:
+                    await self._apply(doc.desired, options)
+                    self.status_dirty.set()
+            # a step that drains shows in no task report: the node record says it is applied;
+            # a failed apply says which revision failed (the manager fails the step at once)
+            ack = not self.error and bool(doc.desired.draining or before.draining) \
+                and revision > self.acked
             if ack:
                 self.acked = revision
-            if ack or self.error != self.error_shown:
+            failed = bool(self.error) and revision != self.failed
+            if self.error:
+                self.failed = revision
+            if ack or failed or self.error != self.error_shown:
                 try:
                     await self._put_info()
                 except (StoreError, OSError) as exc:
@@ -223,6 +232,8 @@ class NodeAgent:
             out[name] = {**{k: st[k] for k in REPORTED if k in st}, "id": task.id,
                          "log": sup.log_path(name), "ready": name in own.ready,
                          "missing": sorted(absent), "targets": sorted(targets)}
+            if st.get("health_failing_streak") or st.get("health") in ("starting", "unhealthy"):
+                out[name]["health_log"] = st.get("health_log", [])   # why (not while it passes)
             if name in self.agent.applied.draining:     # the manager waits for this to be false
                 out[name]["serving"] = bool(st.get("pid")) and self.connections(
                     st["pid"], {e.address for e in task.endpoints}) > 0
@@ -266,7 +277,7 @@ class NodeAgent:
 
     def readiness(self) -> Readiness:
         """Who takes traffic cluster-wide: this node's tasks as the agent sees them, the others'
-        as their agents report them (what the lab's controller computes from all its agents)."""
+        as their agents report them."""
         return self.agent.own_readiness().merge(self._remote_readiness())
 
     async def report_loop(self) -> None:
@@ -315,9 +326,12 @@ class NodeAgent:
                 if job is not waiter and job.exception():
                     raise job.exception()
         finally:
-            for job in jobs + [waiter]:
-                job.cancel()
-            await asyncio.gather(*jobs, waiter, return_exceptions=True)
+            async with self.applying:           # not in the middle of making the kernel objects
+                for job in jobs + [waiter]:
+                    job.cancel()
+                await asyncio.gather(*jobs, waiter, return_exceptions=True)
+            if self.keeper is not None and not stop.is_set():
+                await self.keeper.stop(revoke=False)     # a failed agent stops its heartbeat
 
     async def leave(self) -> None:
         """Remove everything this agent made, then its registration and reports."""

@@ -1,6 +1,7 @@
 """Where a daemon keeps its socket, logs and pid, per host namespace (pure).
 
     /run/mesh/<scope>/api.sock, daemon.log, daemon.pid, logs/<task>.log
+    /run/mesh/<scope>/nodes/<node>/applied.json, logs/<task>.log   (the lab's nodes: mesh.cluster)
 `scope` is the host namespace's name, or `root`. MESH_RUN_DIR overrides /run/mesh.
 """
 from __future__ import annotations

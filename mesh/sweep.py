@@ -22,7 +22,11 @@ OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvla
 
 def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     nl = nl or Netlink()
-    removed = [f"process {pid}" for pid in kill_leftovers(Paths.for_host(host_netns).logs)]
+    root = Paths.for_host(host_netns).root
+    nodes = os.path.join(root, "nodes")             # the lab's nodes (mesh.cluster)
+    logs = [os.path.join(root, "logs")] + sorted(
+        os.path.join(nodes, n, "logs") for n in (os.listdir(nodes) if os.path.isdir(nodes) else ()))
+    removed = [f"process {pid}" for d in logs for pid in kill_leftovers(d)]
     prefix = names.sandbox_prefix(host_netns)
     for ns in nl.list_netns(prefix):
         if ns != host_netns:

@@ -2,11 +2,13 @@
 test's host namespace, a manager and one agent per node around a MemoryStore, tasks spread by the
 scheduler, overlay networks across nodes."""
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from labkit import curl, sh
+from labkit import curl, sh, wait_for
 
 STACK = """
 services:
@@ -123,6 +125,21 @@ def test_down_removes_the_lab(cluster):
     assert left == []
     links = sh(["ip", "-o", "link", "show"], lab.host).stdout
     assert "mhlab" not in links and "mhl1" not in links
+
+
+def test_mesh_down_after_the_lab_daemon_was_killed_removes_everything(cluster):
+    lab = cluster
+    pids = [t["pid"] for t in lab.json("ps") if t["pid"]]
+    assert pids and all(os.path.exists(f"/proc/{p}") for p in pids)
+    daemon = int((Path(lab.env["MESH_RUN_DIR"]) / lab.host / "daemon.pid").read_text())
+    os.kill(daemon, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{daemon}") or
+             open(f"/proc/{daemon}/stat").read().split()[2] == "Z", what="the daemon killed")
+    lab.mesh("down")                                  # no daemon answers: mesh down sweeps
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 10), \
+        [p for p in pids if os.path.exists(f"/proc/{p}")]
+    left = [l for l in sh(["ip", "netns", "list"]).stdout.splitlines() if l.startswith(lab.host + "-")]
+    assert left == []
 
 
 ATTACH = """

@@ -70,6 +70,20 @@ services:
     assert all(e["exit_code"] == 1 for e in slow["health_log"])
 
 
+def test_a_failing_probe_shows_in_ps_in_a_lab_too(lab):
+    path = lab.tmp / "sick.yaml"
+    path.write_text("""
+services:
+  sick:
+    command: sleep 300
+    healthcheck: {test: "exit 3", interval: 200ms, timeout: 5s, retries: 2}
+""")
+    lab.mesh("up", "-f", str(path), "--nodes", "2")
+    sick = wait_for(lambda: (t := _ps(lab)["sick.1"])["health"] == "unhealthy" and t)
+    assert sick, _ps(lab)["sick.1"]               # reported by its node's agent through the store
+    assert sick["health_failing_streak"] >= 2 and sick["health_log"][-1]["exit_code"] == 3
+
+
 def test_probe_runs_in_the_task_namespaces(lab):
     lab.up("""
 services:

@@ -236,8 +236,8 @@ class ReportingNodes:
                 for key in reported - {(t.node, n) for n, t in desired.tasks.items()}:
                     await self.store.delete(f"{STATUS}{key[0]}/{key[1]}")
                 for i, name in enumerate(self.names if self.ack else ()):
-                    await self.store.put(NODES + name, encode(replace(info(name, i + 1),
-                                                                      applied=kv.mod_revision)),
+                    acked = kv.mod_revision - (1 if self.ack == "late" else 0)
+                    await self.store.put(NODES + name, encode(replace(info(name, i + 1), applied=acked)),
                                          lease=keeper.lease)
                 reported = {(t.node, n) for n, t in desired.tasks.items()}
                 self.seen = kv.mod_revision
@@ -293,6 +293,12 @@ async def test_a_drain_step_waits_until_every_node_acknowledges_it(caplog):
     await until(lambda: m1.ctl.readiness().ready == {"web.1", "web.2"}, what="reports read")
     assert "going on after" not in caplog.text           # no drain: the task reports suffice
     await m1.ctl.scale("web", 1)                         # drains web.2: no report shows that
+    waited = [r.getMessage() for r in caplog.records if "going on after" in r.getMessage()]
+    assert waited and "n1" in waited[0] and "n2" in waited[0], waited
+    caplog.clear()
+    nodes.ack = "late"                                   # an acknowledgement of the revision before
+    await m1.ctl.scale("web", 2)
+    await m1.ctl.scale("web", 1)
     waited = [r.getMessage() for r in caplog.records if "going on after" in r.getMessage()]
     assert waited and "n1" in waited[0] and "n2" in waited[0], waited
     caplog.clear()
@@ -365,6 +371,8 @@ class FakeAgent:
 
     async def apply(self, desired):
         self.applies.append(desired)
+        if getattr(self, "fail", None):
+            raise RuntimeError(self.fail)
         for name in desired.on_node(self.node):
             self.sup.runs.setdefault(name, "started")
         for name in [n for n in self.sup.runs if n not in desired.on_node(self.node)]:
@@ -433,12 +441,13 @@ async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
 
 
 @run
-async def test_a_draining_task_is_reported_serving_until_its_connections_end(tmp_path):
+async def test_a_draining_task_is_reported_serving_until_its_connections_end(tmp_path, monkeypatch):
     store = MemoryStore()
     stack = load_stack(STACK, name="s")
     from mesh.allocator import build_desired
     desired = build_desired(stack, DesiredState(), [], None,
                             cluster=placement(stack, DesiredState(), (info("n1", 1, "manager"),)))
+    monkeypatch.setattr("mesh.nodeagent.POLL", 600.0)   # only the drain's own poll can tell
     node, agent = agent_setup(store, tmp_path)
     open_connections = {"n": 2}
     node.connections = lambda pid, addresses: open_connections["n"]
@@ -492,6 +501,45 @@ def test_a_manager_on_another_host_reads_a_drain_from_the_report():
     assert not ctl._serving("web.1")
     ctl.statuses[("n1", "web.1")] = {"id": "another", "state": "running", "pid": 4242, "serving": True}
     assert not ctl._serving("web.1")            # a report of an older task says nothing of this one
+
+
+@run
+async def test_every_failed_apply_is_named_by_its_revision_in_the_node_record(tmp_path):
+    """The same error twice is still two failures: the manager fails the step whose revision
+    the record names, not only when the error text changes."""
+    store = MemoryStore()
+    stack = load_stack(STACK, name="s")
+    from mesh.allocator import build_desired
+    desired = build_desired(stack, DesiredState(), [], None,
+                            cluster=placement(stack, DesiredState(), (info("n1", 1, "manager"),)))
+    node, agent = agent_setup(store, tmp_path)
+    agent.fail = "no room"
+    stop = asyncio.Event()
+    job = asyncio.ensure_future(node.run(stop))
+    await until(lambda: node.keeper is not None and node.keeper.lease, what="registered")
+
+    async def record():
+        return decode(NodeInfo, (await store.get(NODES + "n1")).value)
+    for serial in (1, 2):
+        revision = await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack,
+                                                              serial=serial)))
+        for _ in range(200):
+            if (await record()).failed == revision:
+                break
+            await asyncio.sleep(0.01)
+        got = await record()
+        assert (got.failed, got.applied) == (revision, 0) and "no room" in got.error, got
+    agent.fail = None
+    revision = await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack, serial=3)))
+    for _ in range(200):
+        if not (await record()).error:
+            break
+        await asyncio.sleep(0.01)
+    assert ((await record()).error, (await record()).failed) == (None, 0)
+    stop.set()
+    await job
+    await node.leave()
+    await store.close()
 
 
 @run
