@@ -371,7 +371,8 @@ class IpvsLb:
         """Make the kernel exactly `table`, whatever it holds: read IPVS back, rewrite nft whole."""
         with ipvs_in(netns) as ipvs:
             set_sysctls()
-            set_tcp_timeout(ipvs, conntrack_tcp_timeout())
+            if netns is not None:     # a namespace of mesh's own: the setting is namespace-wide
+                set_tcp_timeout(ipvs, conntrack_tcp_timeout())
             ops = plan_ops(owned(read_view(ipvs), netns), build_view(table, marks))
             self._run(ipvs, netns, ops, render_full(table, marks))
 
