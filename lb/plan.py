@@ -21,14 +21,19 @@ sending namespace's MAC (deterministic, mesh.overlay.mac_for) and routes their r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import ip_interface
 
 from mesh.lb.model import PROTOCOLS, Backend, Table, VirtualService, table_of
 from mesh.overlay import mac_for
 from mesh.readiness import Readiness
 from mesh.state import INGRESS_LOCAL, DesiredState, TaskState
 
-RETURN_MARK_BASE = 0x4d00        # + node index: the connmark of connections from that node's ingress
-RETURN_TABLE_BASE = 100          # + node index: the routing table sending replies back to it
+# + the ingress namespace's host number on the ingress network (its address, kept for the node's
+# life: a node that joins or leaves changes no other node's mark, so established connections keep
+# their way back): the connmark of connections from that ingress, and the routing table (u32 ids,
+# far from main/local/default) that sends their replies back to it
+RETURN_MARK_BASE = 0x4d000000
+RETURN_TABLE_BASE = 0x4d000000
 
 
 def affinity(desired: DesiredState, service: str) -> bool:
@@ -123,10 +128,12 @@ def return_routes(desired: DesiredState, task: TaskState) -> ReturnRoutes | None
     if ep is None or not desired.ingress or not keeps_client_ip(desired, task.service):
         return None
     macs, routes = [], []
-    for i, node in enumerate(sorted(desired.ingress), start=1):
+    for node in sorted(desired.ingress):
         ing = desired.ingress[node]
-        macs.append((mac_for(ing.address), RETURN_MARK_BASE + i))
-        routes.append((RETURN_MARK_BASE + i, RETURN_TABLE_BASE + i, ing.address))
+        where = ip_interface(f"{ing.address}/{ing.prefixlen}")
+        host = int(where.ip) - int(where.network.network_address)
+        macs.append((mac_for(ing.address), RETURN_MARK_BASE + host))
+        routes.append((RETURN_MARK_BASE + host, RETURN_TABLE_BASE + host, ing.address))
     return ReturnRoutes(ep.ifname, tuple(macs), tuple(routes))
 
 

@@ -31,6 +31,7 @@ def _ipr(netns: str | None) -> IPRoute:
 
 
 NUD_PERMANENT = 0x80
+POLICY_PRIORITY = 1000               # ip rules of the routing mesh's return routes: before main (32766)
 EEXIST, ENOENT, ENODEV, ESRCH = 17, 2, 19, 3
 
 
@@ -177,17 +178,18 @@ class Netlink:
 
     def set_policy_routes(self, netns: str, ifname: str, routes: tuple[tuple[int, int, str], ...],
                           old: tuple[tuple[int, int, str], ...] = ()) -> None:
-        """For each (fwmark, table, gateway): `ip rule fwmark M lookup T` and, in T, a default
-        route via `gateway` on `ifname`; entries of `old` not in `routes` are removed."""
+        """For each (fwmark, table, gateway): `ip rule fwmark M lookup T` (priority 1000, before
+        main: the marks are distinct, so the rules' order among them does not matter) and, in T, a
+        default route via `gateway` on `ifname`; entries of `old` not in `routes` are removed."""
         with _ipr(netns) as ipr:
             index = _index(ipr, ifname)
             for mark, table, gateway in set(old) - set(routes):
-                _quiet(ipr.rule, "del", fwmark=mark, table=table, priority=1000 + table)
+                _quiet(ipr.rule, "del", fwmark=mark, table=table, priority=POLICY_PRIORITY)
                 _quiet(ipr.route, "del", dst="0.0.0.0/0", table=table)
             for mark, table, gateway in routes:
                 if index is not None:
                     ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, table=table)
-                _quiet(ipr.rule, "add", fwmark=mark, table=table, priority=1000 + table)
+                _quiet(ipr.rule, "add", fwmark=mark, table=table, priority=POLICY_PRIORITY)
 
     def add_macvlan_endpoint(self, host: str | None, parent: str, tmp_if: str, sandbox: str,
                              ifname: str, address: str, prefixlen: int, gateway: str | None) -> None:

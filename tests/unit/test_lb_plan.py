@@ -76,6 +76,14 @@ def test_tasks_reached_through_ingress_route_replies_back_by_connmark():
     rr = return_routes(d, d.tasks["web.1"])
     assert rr is not None and len(rr.routes) == 2
     assert {gw for _, _, gw in rr.routes} == {d.ingress["n1"].address, d.ingress["n2"].address}
+    # a node's mark and table follow its ingress address, not its place among the nodes: a node
+    # that joins or leaves does not change the way back of other nodes' established connections
+    n2 = d.ingress["n2"]
+    alone = replace(d, ingress={"n2": n2})
+    assert [r for r in return_routes(alone, alone.tasks["web.1"]).routes] == \
+        [r for r in rr.routes if r[2] == n2.address]
+    host = int(n2.address.split(".")[-1]) + 256 * int(n2.address.split(".")[-2])
+    assert [r[:2] for r in rr.routes if r[2] == n2.address] == [(0x4d000000 + host, 0x4d000000 + host)]
     text = render_return_table(rr)
     assert f'iifname "{rr.ifname}" ct state new ct mark set ether saddr map' in text
     assert return_routes(d, d.tasks["masq.1"]) is None          # it masquerades: no return route
