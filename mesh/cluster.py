@@ -32,7 +32,7 @@ from mesh.lab import LabNode, make_lab, remove_lab
 from mesh.manager import ClusterController
 from mesh.netlink import Netlink
 from mesh.nodeagent import NodeAgent
-from mesh.paths import Paths
+from mesh.paths import MADE_HOST_MARKER, Paths
 from mesh.store import MemoryStore
 from mesh.storeops import counted
 
@@ -58,7 +58,14 @@ class LocalCluster:
         node's mesh.agent.Agent (mesh.daemon.node_agent)."""
         self.host, self.lb = host_netns, lb
         self.nl = Netlink()
-        self.made_host = bool(host_netns) and not self.nl.netns_exists(host_netns)
+        # a lab that makes the host namespace removes it; a marker remembers it across a
+        # killed daemon, whose successor finds the namespace there
+        self.made_marker = os.path.join(paths.root, MADE_HOST_MARKER)
+        self.made_host = bool(host_netns) and (not self.nl.netns_exists(host_netns)
+                                               or os.path.exists(self.made_marker))
+        if self.made_host:
+            os.makedirs(paths.root, exist_ok=True)
+            open(self.made_marker, "w").close()
         self.nodes = make_lab(host_netns, count, self.nl)
         self.store = counted(MemoryStore(), "lab", "embedded")
         self.ctl = ClusterController(self.store, MANAGER)
@@ -136,3 +143,5 @@ class LocalCluster:
         remove_lab(self.host, self.nodes, self.nl)
         if self.made_host:               # the lab made the host namespace: it goes with the lab
             self.nl.delete_netns(self.host)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.made_marker)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from mesh.names import scope_of
 
+MADE_HOST_MARKER = "made-host-netns"    # in a run dir: the lab made the host namespace (mesh.cluster)
+
 
 @dataclass(frozen=True)
 class Paths:

@@ -13,7 +13,7 @@ from mesh.agent import ETC_NETNS
 from mesh.hostrules import render_delete_table
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
-from mesh.paths import Paths
+from mesh.paths import MADE_HOST_MARKER, Paths
 from mesh.runtime import kill_leftovers
 
 OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvlans, vxlans, lab
@@ -42,4 +42,9 @@ def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     if nft.list_table(host_netns, "ip", "mesh") is not None:
         nft.apply(host_netns, render_delete_table())
         removed.append("nftables table ip mesh")
+    marker = os.path.join(root, MADE_HOST_MARKER)
+    if host_netns and os.path.exists(marker):       # a lab made the host namespace: it goes too
+        nl.delete_netns(host_netns)
+        os.unlink(marker)
+        removed.append(f"namespace {host_netns}")
     return removed

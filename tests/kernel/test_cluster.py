@@ -4,6 +4,7 @@ scheduler, overlay networks across nodes."""
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,32 @@ def test_mesh_down_after_the_lab_daemon_was_killed_removes_everything(cluster):
         [p for p in pids if os.path.exists(f"/proc/{p}")]
     left = [l for l in sh(["ip", "netns", "list"]).stdout.splitlines() if l.startswith(lab.host + "-")]
     assert left == []
+
+
+def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(lab):
+    host = lab.host + "x"                            # not made by the test: the lab makes it
+    path = lab.tmp / "small.yaml"
+    path.write_text("services:\n  web:\n    command: sleep 300\n")
+    mesh = lambda *args, check=True: subprocess.run(
+        [*lab.mesh_argv()[:-2], "--host-netns", host, *args], env=lab.env, capture_output=True,
+        text=True, timeout=120, check=check)
+    pid_file = Path(lab.env["MESH_RUN_DIR"]) / host / "daemon.pid"
+    try:
+        for finish in ("up again, then down", "down with no daemon (sweep)"):
+            mesh("up", "-f", str(path), "--nodes", "2")
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            if finish.startswith("up again"):
+                wait_for(lambda: mesh("ps", check=False).returncode != 0, what="the daemon gone")
+                mesh("up", "-f", str(path), "--nodes", "2")
+            else:
+                wait_for(lambda: mesh("ps", check=False).returncode != 0, what="the daemon gone")
+            mesh("down")
+            left = [l.split()[0] for l in sh(["ip", "netns", "list"]).stdout.splitlines()
+                    if l.startswith(host)]
+            assert left == [], (finish, left)
+    finally:
+        mesh("down", check=False)
+        sh(["ip", "netns", "del", host], check=False)
 
 
 ATTACH = """
