@@ -71,10 +71,12 @@ class Lab:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def up(self, yaml_text: str, check: bool = True) -> subprocess.CompletedProcess:
+    def up(self, yaml_text: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """mesh up with this stack; `args`: more options (`--wait 0` for stacks whose tasks are
+        meant never to be all ready: mesh up would show progress for its 60 s)."""
         path = self.tmp / f"stack-{secrets.token_hex(2)}.yaml"
         path.write_text(yaml_text.replace("@ECHO@", f"{SYSTEM_PYTHON} {ECHO}"))
-        return self.mesh("up", "-f", str(path), check=check)
+        return self.mesh("up", "-f", str(path), *args, check=check)
 
     def json(self, *args: str):
         import json

@@ -48,7 +48,7 @@ services:
     healthcheck: {{test: "exit 1", interval: 200ms, timeout: 5s, retries: 1, start_period: 10m}}
   plain:
     command: sleep 300
-""")
+""", "--wait", "0")                                 # slow.1 stays starting for 10 min
     web = wait_for(lambda: (t := _ps(lab)["web.1"])["health"] == "healthy" and t)
     assert web and web["state"] == "running"
     assert _ps(lab)["plain.1"]["health"] == "none"
@@ -78,7 +78,7 @@ services:
     command: sleep 300
     healthcheck: {test: "exit 3", interval: 200ms, timeout: 5s, retries: 2}
 """)
-    lab.mesh("up", "-f", str(path), "--nodes", "2")
+    lab.mesh("up", "-f", str(path), "--nodes", "2", "--wait", "0")   # it never becomes healthy
     sick = wait_for(lambda: (t := _ps(lab)["sick.1"])["health"] == "unhealthy" and t)
     assert sick, _ps(lab)["sick.1"]               # reported by its node's agent through the store
     assert sick["health_failing_streak"] >= 2 and sick["health_log"][-1]["exit_code"] == 3
@@ -106,7 +106,7 @@ services:
   hang:
     command: sleep 300
     healthcheck: {{test: {json.dumps(["CMD", *marker])}, interval: 200ms, timeout: 300ms, retries: 2}}
-""")
+""", "--wait", "0")                                 # it never becomes healthy
     seen = []
     task = wait_for(lambda: seen.append(len(_procs(*marker))) or
                      ((t := _ps(lab)["hang.1"])["health"] == "unhealthy" and t))

@@ -200,7 +200,7 @@ services:
 
 
 def test_health_gates_the_balancer_and_a_leaving_task_is_drained(lab):
-    up(lab, HEALTH.replace("@DIR@", str(lab.tmp)))
+    up(lab, HEALTH.replace("@DIR@", str(lab.tmp)), "--wait", "0")   # unhealthy until told
     addr = nodes(lab)
     url = f"http://{addr['n2']}:8080/"
     web = {t["name"]: t["hostname"] for t in lab.json("ps") if t["service"] == "web"}

@@ -18,7 +18,7 @@ services:
   clean:
     command: sh -c 'echo done; exit 0'
     restart: on-failure
-""")
+""", "--wait", "0")                                   # tasks that restart forever: never all ready
     once = wait_for(lambda: (t := lab.task("once.1"))["state"] == "exited" and t)
     assert once["exit_code"] == 3 and once["restarts"] == 0
     assert lab.mesh("logs", "once.1").stdout == "hello from once\n"
