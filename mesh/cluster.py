@@ -31,7 +31,7 @@ from mesh.errors import MeshError
 from mesh.lab import LabNode, make_lab, remove_lab
 from mesh.manager import ClusterController
 from mesh.netlink import Netlink
-from mesh.nodeagent import NodeAgent
+from mesh.nodeagent import NodeAgent, route_strings
 from mesh.paths import MADE_HOST_MARKER, Paths
 from mesh.store import MemoryStore
 from mesh.storeops import counted
@@ -45,11 +45,7 @@ LEASE_TTL = 30.0    # in one process no node dies alone; a stalled loop must not
 def lab_node_info(node: LabNode, index: int, routes) -> NodeInfo:
     """What a lab node's agent registers (n1 is a manager node, as in the etcd lab)."""
     return NodeInfo(name=node.name, address=node.address, role="manager" if index == 0 else "worker",
-                    netns=node.netns, routes=tuple(sorted({str(r) for r in routes})))
-
-
-def node_paths(paths: Paths, node: str) -> Paths:
-    return Paths(os.path.join(paths.root, "nodes", node))
+                    netns=node.netns, routes=route_strings(routes))
 
 
 class LocalCluster:
@@ -74,7 +70,7 @@ class LocalCluster:
         self.agents: list[NodeAgent] = []
         host_routes = self.nl.routes(host_netns)
         for i, node in enumerate(self.nodes):
-            own = node_paths(paths, node.name)
+            own = paths.node(node.name)
             os.makedirs(own.root, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):   # a new lab has applied nothing yet
                 os.unlink(os.path.join(own.root, "applied.json"))

@@ -344,12 +344,16 @@ class NodeAgent:
             await self.keeper.stop(revoke=True)
 
 
+def route_strings(routes) -> tuple[str, ...]:
+    """A node's routes as it registers them (NodeInfo.routes): distinct, sorted, as text."""
+    return tuple(sorted({str(r) for r in routes}))
+
+
 def node_info(name: str, address: str, role: str, labels: list[str]) -> NodeInfo:
     """The registration of this node; MeshError-free checks are done by the CLI."""
     pairs = tuple(sorted(tuple(label.split("=", 1)) for label in labels))
-    routes = tuple(sorted({str(r) for r in Netlink().routes(None)}))
     return NodeInfo(name=name, address=address, role=role, labels=pairs, netns=current_netns(),
-                    routes=routes)
+                    routes=route_strings(Netlink().routes(None)))
 
 
 def build_agent(name: str, paths: Paths):

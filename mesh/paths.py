@@ -38,3 +38,11 @@ class Paths:
     @property
     def logs(self) -> str:
         return os.path.join(self.root, "logs")
+
+    @property
+    def nodes(self) -> str:
+        """The lab's nodes (mesh.cluster), each with the files of a run dir of its own."""
+        return os.path.join(self.root, "nodes")
+
+    def node(self, name: str) -> "Paths":
+        return Paths(os.path.join(self.nodes, name))

@@ -22,10 +22,9 @@ OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvla
 
 def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     nl = nl or Netlink()
-    root = Paths.for_host(host_netns).root
-    nodes = os.path.join(root, "nodes")             # the lab's nodes (mesh.cluster)
-    logs = [os.path.join(root, "logs")] + sorted(
-        os.path.join(nodes, n, "logs") for n in (os.listdir(nodes) if os.path.isdir(nodes) else ()))
+    paths = Paths.for_host(host_netns)
+    nodes = sorted(os.listdir(paths.nodes)) if os.path.isdir(paths.nodes) else []
+    logs = [paths.logs] + [paths.node(n).logs for n in nodes]      # the lab's nodes too
     removed = [f"process {pid}" for d in logs for pid in kill_leftovers(d)]
     prefix = names.sandbox_prefix(host_netns)
     for ns in nl.list_netns(prefix):
@@ -42,7 +41,7 @@ def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     if nft.list_table(host_netns, "ip", "mesh") is not None:
         nft.apply(host_netns, render_delete_table())
         removed.append("nftables table ip mesh")
-    marker = os.path.join(root, MADE_HOST_MARKER)
+    marker = os.path.join(paths.root, MADE_HOST_MARKER)
     if host_netns and os.path.exists(marker):       # a lab made the host namespace: it goes too
         nl.delete_netns(host_netns)
         os.unlink(marker)
