@@ -8,6 +8,7 @@ SIGKILL and restarted and adopts its tasks (same PIDs, nothing made twice); mesh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -134,10 +135,10 @@ services:
 """
 
 
-def test_changes_drain_and_replace_one_at_a_time_on_etcd(tmp_path):
-    """As tests/kernel/test_lb.py's in-process test, with the manager and agents as processes on
-    etcd: a client going through n2 (no replica) sees no failed request while web scales up and
-    down and its tasks are replaced (the agents learn readiness from each other's reports)."""
+@contextlib.contextmanager
+def two_nodes_on_etcd(tmp_path, elsewhere: bool = False):
+    """(lab, host namespace): a real etcd in a fresh host namespace, agents on n1 and n2, a leading
+    manager m1 that sees both (`elsewhere`: as on another machine, not their namespaces)."""
     host = f"mesh-t{secrets.token_hex(3)}"
     sh(["ip", "netns", "add", host])
     try:
@@ -145,49 +146,57 @@ def test_changes_drain_and_replace_one_at_a_time_on_etcd(tmp_path):
         with EtcdLab(tmp_path, host, nodes=2, ttl=3) as c:
             c.start_agent("n1")
             c.start_agent("n2")
-            c.start_manager("m1")
+            c.start_manager("m1", elsewhere=elsewhere)
             c.wait_leader("m1")
             c.wait_nodes("m1", {"n1", "n2"})
-
-            def up(gen: int, replicas: int) -> None:
-                path = tmp_path / f"stack-{gen}.yaml"
-                path.write_text(ROLLING.replace("@GEN@", str(gen)).replace("@N@", str(replicas)))
-                c.cli("m1", "up", "-f", str(path))
-
-            up(1, 1)
-            c.wait_running("m1", ["web.1"])
-            url = "http://10.97.0.2:8080/"
-            c.wait(lambda: sh(["curl", "-s", "--max-time", "2", url], host, check=False)
-                   .stdout.startswith("host="), 20, "web through n2")
-            stop, out = tmp_path / "stop", tmp_path / "loop.json"
-            proc = subprocess.Popen(["ip", "netns", "exec", host, SYSTEM_PYTHON,
-                                     str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
-            try:
-                time.sleep(0.5)
-                c.cli("m1", "service", "scale", "web=3")
-                time.sleep(0.5)
-                c.cli("m1", "service", "scale", "web=1")
-                time.sleep(0.5)
-                started = {n: t["pid"] for n, t in c.tasks("m1").items()}
-                up(2, 2)                       # web.1 replaced (new environment), web.2 added
-                time.sleep(0.5)
-                replaced = {n: t["pid"] for n, t in c.tasks("m1").items()}
-                up(3, 2)                       # both replaced, one at a time
-                time.sleep(0.5)
-            finally:
-                stop.touch()
-                proc.wait(30)
-            result = json.loads(out.read_text())
-            assert result["failed"] == 0, result
-            assert result["ok"] > 20, result
-            ts = c.tasks("m1")
-            assert ts["web.1"]["pid"] != started["web.1"] and ts["web.1"]["state"] == "running"
-            assert all(ts[n]["pid"] != replaced[n] and ts[n]["state"] == "running"
-                       for n in ("web.1", "web.2")), (replaced, ts)
-            assert len(result["hosts"]) >= 3, result      # replicas came and went while it ran
-            c.cli("m1", "down")
+            yield c, host
     finally:
         sh(["ip", "netns", "del", host])
+
+
+def test_changes_drain_and_replace_one_at_a_time_on_etcd(tmp_path):
+    """As tests/kernel/test_lb.py's in-process test, with the manager and agents as processes on
+    etcd: a client going through n2 (no replica) sees no failed request while web scales up and
+    down and its tasks are replaced (the agents learn readiness from each other's reports)."""
+    with two_nodes_on_etcd(tmp_path) as (c, host):
+
+        def up(gen: int, replicas: int) -> None:
+            path = tmp_path / f"stack-{gen}.yaml"
+            path.write_text(ROLLING.replace("@GEN@", str(gen)).replace("@N@", str(replicas)))
+            c.cli("m1", "up", "-f", str(path))
+
+        up(1, 1)
+        c.wait_running("m1", ["web.1"])
+        url = "http://10.97.0.2:8080/"
+        c.wait(lambda: sh(["curl", "-s", "--max-time", "2", url], host, check=False)
+               .stdout.startswith("host="), 20, "web through n2")
+        stop, out = tmp_path / "stop", tmp_path / "loop.json"
+        proc = subprocess.Popen(["ip", "netns", "exec", host, SYSTEM_PYTHON,
+                                 str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
+        try:
+            time.sleep(0.5)
+            c.cli("m1", "service", "scale", "web=3")
+            time.sleep(0.5)
+            c.cli("m1", "service", "scale", "web=1")
+            time.sleep(0.5)
+            started = {n: t["pid"] for n, t in c.tasks("m1").items()}
+            up(2, 2)                       # web.1 replaced (new environment), web.2 added
+            time.sleep(0.5)
+            replaced = {n: t["pid"] for n, t in c.tasks("m1").items()}
+            up(3, 2)                       # both replaced, one at a time
+            time.sleep(0.5)
+        finally:
+            stop.touch()
+            proc.wait(30)
+        result = json.loads(out.read_text())
+        assert result["failed"] == 0, result
+        assert result["ok"] > 20, result
+        ts = c.tasks("m1")
+        assert ts["web.1"]["pid"] != started["web.1"] and ts["web.1"]["state"] == "running"
+        assert all(ts[n]["pid"] != replaced[n] and ts[n]["state"] == "running"
+                   for n in ("web.1", "web.2")), (replaced, ts)
+        assert len(result["hosts"]) >= 3, result      # replicas came and went while it ran
+        c.cli("m1", "down")
 
 
 UP_STACK = f"""
@@ -287,43 +296,32 @@ def test_a_manager_on_another_host_ends_a_drain_when_the_agent_reports_it_idle(t
     task still serves connections comes from its agent's report. A scale-down waits while a
     client holds a connection to the leaving task and ends soon after the client closes, long
     before the drain timeout (60 s)."""
-    host = f"mesh-t{secrets.token_hex(3)}"
-    sh(["ip", "netns", "add", host])
-    try:
-        sh(["ip", "link", "set", "lo", "up"], host)
-        with EtcdLab(tmp_path, host, nodes=2, ttl=3) as c:
-            c.start_agent("n1")
-            c.start_agent("n2")
-            c.start_manager("m1", elsewhere=True)
-            c.wait_leader("m1")
-            c.wait_nodes("m1", {"n1", "n2"})
-            path = tmp_path / "lines.yaml"
-            path.write_text(LINES)
-            c.cli("m1", "up", "-f", str(path))
-            ts = c.wait_running("m1", ["lines.1", "lines.2"])
-            held = subprocess.Popen(["ip", "netns", "exec", host, SYSTEM_PYTHON, "-c", HOLD,
-                                     "10.97.0.2", ts["lines.2"]["hostname"]],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            try:
-                assert held.stdout.readline().strip() == "connected"
-                scale = subprocess.Popen([sys.executable, "-m", "mesh", "service", "scale", "lines=1"],
-                                         env=c.env(c.tmp / "m1"), stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
-                time.sleep(2.0)
-                assert scale.poll() is None, "the scale-down did not wait for the open connection"
-                held.stdin.write("x\n")
-                held.stdin.flush()
-                assert ts["lines.2"]["hostname"] in held.stdout.readline()   # it goes on
-                held.stdin.close()                                         # the client finishes
-                held.wait(10)
-                closed = time.monotonic()
-                assert scale.wait(60) == 0, scale.stderr.read()
-                waited = time.monotonic() - closed
-            finally:
-                held.kill()
-                held.wait()
-            assert waited < 20, f"the drain ran {waited:.1f} s after the last connection closed"
-            assert sorted(c.tasks("m1")) == ["lines.1"]
-            c.cli("m1", "down")
-    finally:
-        sh(["ip", "netns", "del", host])
+    with two_nodes_on_etcd(tmp_path, elsewhere=True) as (c, host):
+        path = tmp_path / "lines.yaml"
+        path.write_text(LINES)
+        c.cli("m1", "up", "-f", str(path))
+        ts = c.wait_running("m1", ["lines.1", "lines.2"])
+        held = subprocess.Popen(["ip", "netns", "exec", host, SYSTEM_PYTHON, "-c", HOLD,
+                                 "10.97.0.2", ts["lines.2"]["hostname"]],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert held.stdout.readline().strip() == "connected"
+            scale = subprocess.Popen([sys.executable, "-m", "mesh", "service", "scale", "lines=1"],
+                                     env=c.env(c.tmp / "m1"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+            time.sleep(2.0)
+            assert scale.poll() is None, "the scale-down did not wait for the open connection"
+            held.stdin.write("x\n")
+            held.stdin.flush()
+            assert ts["lines.2"]["hostname"] in held.stdout.readline()   # it goes on
+            held.stdin.close()                                         # the client finishes
+            held.wait(10)
+            closed = time.monotonic()
+            assert scale.wait(60) == 0, scale.stderr.read()
+            waited = time.monotonic() - closed
+        finally:
+            held.kill()
+            held.wait()
+        assert waited < 20, f"the drain ran {waited:.1f} s after the last connection closed"
+        assert sorted(c.tasks("m1")) == ["lines.1"]
+        c.cli("m1", "down")
