@@ -8,11 +8,16 @@ What it holds (Docker's bridge driver behaviour, one table, nothing else touched
   from 127.0.0.0/8 that were DNAT'd are masqueraded, and a raw-priority guard drops packets to
   127.0.0.0/8 arriving on any other interface than `lo` (the kube-proxy CVE-2020-8558 lesson);
 - several backends of one published port are chosen with `numgen random`.
+- direct server return (mesh.lb.dsr): packets of a DSR port that arrive on the underlay device,
+  addressed to this node or handed over by another one, are DNAT'd to this node's own tasks, or,
+  when none takes new connections (a flow kept on a node whose tasks drain), to its ingress
+  namespace (the ordinary routing mesh); such a packet is never routed back to where it came from.
 The whole table is replaced in one transaction, so a reader never sees half a ruleset.
 """
 from __future__ import annotations
 
-from mesh.state import DesiredState, NetworkState, Publication
+from mesh.lb.dsr import DsrPlan
+from mesh.state import INGRESS_LOCAL, DesiredState, NetworkState, Publication
 
 TABLE = "mesh"
 
@@ -39,14 +44,33 @@ def _isolation(nets: list[NetworkState]) -> list[str]:
 
 
 def _dnat(p: Publication) -> str | None:
-    if not p.backends:
-        return None
     match = f"ip daddr {p.host_ip} " if p.host_ip else ""
-    match += f"meta l4proto {p.protocol} th dport {p.published}"
-    if len(p.backends) == 1:
-        return f"{match} dnat to {p.backends[0]}:{p.target}"
-    choices = ", ".join(f"{i} : {b} . {p.target}" for i, b in enumerate(p.backends))
-    return f"{match} dnat ip addr . port to numgen random mod {len(p.backends)} map {{ {choices} }}"
+    return _dnat_to(match + f"meta l4proto {p.protocol} th dport {p.published}", p.backends, p.target)
+
+
+def _dnat_to(match: str, backends, target: int, pick: str = "numgen random") -> str | None:
+    if not backends:
+        return None
+    if len(backends) == 1:
+        return f"{match} dnat to {backends[0]}:{target}"
+    choices = ", ".join(f"{i} : {b} . {target}" for i, b in enumerate(backends))
+    return f"{match} dnat ip addr . port to {pick} mod {len(backends)} map {{ {choices} }}"
+
+
+def _dsr(plan: DsrPlan | None) -> tuple[list[str], list[str], list[str]]:
+    """(prerouting rules, the dsr chain, forward rules) for direct server return."""
+    if plan is None or not plan.ports:
+        return [], [], []
+    arrivals = ", ".join(plan.arrivals)
+    pre = [f'iifname "{plan.device}" ip daddr {{ {arrivals} }} jump dsr']
+    chain = [_dnat_to(f"meta l4proto {p.protocol} th dport {p.port}", p.local, p.target,
+                      "jhash ip saddr" if p.affinity else "numgen random") if p.local else
+             _dnat_to(f"meta l4proto {p.protocol} th dport {p.port}", (INGRESS_LOCAL,), p.port)
+             for p in plan.ports]
+    ports = ", ".join(f"{p.protocol} . {p.port}" for p in plan.ports)
+    fwd = [f'iifname "{plan.device}" ip daddr {{ {", ".join(plan.peers)} }} meta l4proto . th dport '
+           f"{{ {ports} }} reject"] if plan.peers else []
+    return pre, chain, fwd
 
 
 def _chain(name: str, hook: str | None, rules: list[str]) -> list[str]:
@@ -58,22 +82,26 @@ def _chain(name: str, hook: str | None, rules: list[str]) -> list[str]:
     return lines
 
 
-def render_host_table(desired: DesiredState) -> str:
-    """The transaction that makes the host's `mesh` table exactly what `desired` needs."""
+def render_host_table(desired: DesiredState, dsr: DsrPlan | None = None) -> str:
+    """The transaction that makes the host's `mesh` table exactly what `desired` (and the node's
+    direct server return plan) needs."""
     bridges = [n for n in desired.networks.values() if n.bridged and n.link]
     dnats = [r for r in (_dnat(p) for p in desired.publications) if r]
+    dsr_pre, dsr_chain, dsr_forward = _dsr(dsr)
     out = [f"table ip {TABLE}", f"delete table ip {TABLE}", f"table ip {TABLE} {{"]
     out += _chain("localhost_guard", "type filter hook prerouting priority raw; policy accept;",
                   ['iifname != "lo" ip daddr 127.0.0.0/8 drop'])
     out += _chain("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
-                  ["fib daddr type local jump published"])
+                  dsr_pre + ["fib daddr type local jump published"])
+    if dsr_pre:
+        out += _chain("dsr", None, dsr_chain)
     out += _chain("output", "type nat hook output priority -100; policy accept;",
                   ["fib daddr type local jump published"])
     out += _chain("published", None, dnats)
     out += _chain("postrouting", "type nat hook postrouting priority srcnat; policy accept;",
                   _masquerade(bridges))
     out += _chain("forward", "type filter hook forward priority filter; policy accept;",
-                  _isolation(bridges))
+                  dsr_forward + _isolation(bridges))
     out.append("}")
     return "\n".join(out) + "\n"
 

@@ -251,6 +251,14 @@ class Netlink:
                 _quiet(ipr.neigh, "replace" if present else "del", dst=address, lladdr=mac,
                        ifindex=index, state=NUD_PERMANENT)
 
+    def interface_of(self, netns: str | None, address: str) -> tuple[str, int] | None:
+        """(ifname, prefix length) of the interface that holds `address`, or None."""
+        with _ipr(netns) as ipr:
+            for addr in ipr.get_addr(family=2, address=address):
+                link = ipr.get_links(addr["index"])[0]
+                return link.get("ifname"), addr["prefixlen"]
+        return None
+
     def addresses(self, netns: str | None) -> dict[str, list[str]]:
         """ifname -> IPv4 addresses, for inspection and tests."""
         with _ipr(netns) as ipr:

@@ -138,18 +138,21 @@ class Builder:
             self.error(path, f"invalid service name {name!r}: expected {NAME_RULE}")
         deploy = spec.deploy or DeploySpec()
         self.check_deploy(path, spec, deploy)
+        ports = self.ports(path, spec)
+        extensions = self.service_extensions(spec.x_mesh or {}, f"{path}.x-mesh")
+        self.check_dsr(f"{path}.x-mesh", extensions, ports)
         return Service(
             name=name, command=self.command(spec.command, f"{path}.command"),
             container_name=spec.container_name, hostname=spec.hostname,
             networks=self.attachments(name, spec), network_mode=self.network_mode(name, spec),
-            ports=self.ports(path, spec), links=self.links(name, spec.links or []),
+            ports=ports, links=self.links(name, spec.links or []),
             environment=self.environment(spec.environment, f"{path}.environment"),
             restart=spec.restart or "no",
             replicas=1 if deploy.replicas is None else deploy.replicas,
             mode=deploy.mode or "replicated", endpoint_mode=deploy.endpoint_mode or "vip",
             placement=self.placement(deploy.placement, f"{path}.deploy.placement"),
             healthcheck=self.healthcheck(spec.healthcheck, f"{path}.healthcheck"),
-            extensions=self.service_extensions(spec.x_mesh or {}, f"{path}.x-mesh"),
+            extensions=extensions,
             dns=self.dns(spec.dns, f"{path}.dns"))
 
     def service_extensions(self, x_mesh: dict, path: str) -> dict:
@@ -161,11 +164,26 @@ class Builder:
         keep = out.get("preserve_client_ip")
         if keep is not None and not isinstance(keep, bool):
             self.error(f"{path}.preserve_client_ip", f"expected true or false, got {keep!r}")
+        ingress = out.get("ingress")
+        if ingress is not None and ingress not in ("dsr", "nat"):
+            self.error(f"{path}.ingress", f"expected dsr or nat, got {ingress!r}")
         drain = out.get("drain_timeout")
         if drain is not None and (isinstance(drain, bool) or not isinstance(drain, (int, float))
                                   or drain < 0):
             self.error(f"{path}.drain_timeout", f"expected seconds (a number, 0 or more), got {drain!r}")
         return out
+
+    def check_dsr(self, path: str, extensions: dict, ports) -> None:
+        """Direct server return (mesh.lb.dsr) carries ingress-mode ports and always keeps the
+        client's address."""
+        if extensions.get("ingress") != "dsr":
+            return
+        if not any(p.mode == "ingress" for p in ports):
+            self.error(f"{path}.ingress", "dsr applies to ports published in ingress mode; "
+                                          "this service publishes none")
+        if extensions.get("preserve_client_ip") is False:
+            self.error(f"{path}.ingress", "dsr always keeps the client's address: it cannot go "
+                                          "with preserve_client_ip: false")
 
     def check_deploy(self, path: str, spec: ServiceSpec, deploy: DeploySpec) -> None:
         replicas = deploy.replicas if deploy.replicas is not None else 1

@@ -3,7 +3,6 @@ has no ip_vs; tests/kernel/test_lb_backends.py runs both backends, the IPVS one 
 
 Clients are real: curl and Python sockets in the test's host namespace (which reaches every node's
 underlay address) and inside tasks (`mesh exec`)."""
-import json
 import re
 import subprocess
 import time
@@ -12,7 +11,9 @@ import pytest
 
 from mesh.lb.base import kernel_has_ipvs
 
-from labkit import ROOT, SYSTEM_PYTHON, curl, no_connect, sh, wait_for
+from labkit import SYSTEM_PYTHON, curl, no_connect, sh, wait_for
+from meshclients import (HOST_ADDRESS, answers, churn, hostnames, nodes, spread, udp_ask,
+                         up)
 
 MESH = """
 services:
@@ -42,53 +43,6 @@ services:
     command: sleep 300
     deploy: {mode: global}
 """
-HOST_ADDRESS = "10.97.0.254"      # the test's host namespace on the lab's underlay
-
-
-def up(lab, text: str, *extra: str):
-    path = lab.tmp / f"stack-{time.monotonic_ns()}.yaml"
-    path.write_text(text.replace("@ECHO@", lab.echo))
-    return lab.mesh("up", "-f", str(path), "--nodes", "3", *extra)
-
-
-def nodes(lab) -> dict[str, str]:
-    return {n["name"]: n["address"] for n in lab.json("node", "ls")}
-
-
-def hostnames(lab, service: str) -> set[str]:
-    return {t["hostname"] for t in lab.json("ps") if t["service"] == service}
-
-
-def answers(url: str, netns: str, count: int) -> list[str]:
-    out = []
-    for _ in range(count):
-        body = curl(url, netns)
-        assert body.startswith("host="), body
-        out.append(body.strip())
-    return out
-
-
-def spread(url: str, netns: str, want: set[str], at_most: int = 40) -> list[str]:
-    """Answers from `url` until every host of `want` answered (or `at_most` of them): a random
-    balancer may repeat itself, so a fixed small sample would make the test flaky."""
-    got = []
-    while len(got) < at_most and {a.split()[0][5:] for a in got} != want:
-        got += answers(url, netns, 1)
-    return got
-
-
-def udp_ask(netns: str, address: str, port: int, source_port: int = 0) -> str:
-    code = ("import socket;s=socket.socket(2,2);s.settimeout(2);"
-            f"s.bind(('0.0.0.0',{source_port}));s.connect(('{address}',{port}));s.send(b'x');"
-            "print(s.recv(100).decode())")     # connected: a reply from another address is refused
-    for _ in range(20):
-        proc = sh([SYSTEM_PYTHON, "-c", code], netns, check=False)
-        if proc.returncode == 0:
-            return proc.stdout.strip()
-        time.sleep(0.2)
-    raise AssertionError(f"no UDP answer from {address}:{port}: {proc.stderr}")
-
-
 def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
     up(lab, MESH)
     addr = nodes(lab)
@@ -133,19 +87,6 @@ def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
     assert {a.split()[0][5:] for a in got} == other, got
 
 
-def loop(lab, url: str):
-    stop, out = lab.tmp / "stop", lab.tmp / "loop.json"
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.host, SYSTEM_PYTHON,
-                             str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
-    return proc, stop, out
-
-
-def finish(proc, stop, out) -> dict:
-    stop.touch()
-    proc.wait(30)
-    return json.loads(out.read_text())
-
-
 ROLLING = """
 services:
   web:
@@ -160,19 +101,7 @@ def test_no_failed_request_during_scale_up_down_and_replacement(lab):
     up(lab, ROLLING.replace("@GEN@", "1"))
     addr = nodes(lab)
     assert curl(f"http://{addr['n2']}:8080/", lab.host).startswith("host=")
-    proc, stop, out = loop(lab, f"http://{addr['n2']}:8080/")
-    try:
-        time.sleep(0.5)
-        lab.mesh("service", "scale", "web=5")
-        time.sleep(0.5)
-        lab.mesh("service", "scale", "web=1")
-        time.sleep(0.5)
-        up(lab, ROLLING.replace("@GEN@", "2").replace("replicas: 2", "replicas: 3"))
-        time.sleep(0.5)
-        up(lab, ROLLING.replace("@GEN@", "3").replace("replicas: 2", "replicas: 3"))  # replaces all
-        time.sleep(0.5)
-    finally:
-        result = finish(proc, stop, out)
+    result = churn(lab, f"http://{addr['n2']}:8080/", ROLLING, "replicas: 2")
     assert result["failed"] == 0, result
     assert result["ok"] > 20, result
     assert len(result["hosts"]) >= 3, result      # replicas came and went while it ran

@@ -1,0 +1,114 @@
+"""Direct server return (x-mesh: {ingress: dsr}, mesh.lb.dsr) on a 3-node lab: every node's address
+answers, the task sees the client, the node the client addressed keeps no state (it only hands the
+requests over), flows stay on their node while nodes come and go, and no request fails while the
+service scales and is replaced. Clients: curl and Python sockets in the test's host namespace, which
+sits on the lab's underlay link (10.97.0.254)."""
+import re
+
+from labkit import curl, sh
+
+from meshclients import HOST_ADDRESS, churn, hostnames, nodes, spread, udp_ask, up
+
+DSR = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["8080:80"]
+    x-mesh: {ingress: dsr}
+  dgram:
+    command: "@ECHO@ 90 udp"
+    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["9090:90/udp"]
+    x-mesh: {ingress: dsr}
+"""
+
+
+def flows(netns: str, port: int) -> list[str]:
+    """The node's conntrack entries of connections to `port` (/proc: no conntrack tool needed)."""
+    text = sh(["cat", "/proc/net/nf_conntrack"], netns).stdout
+    return [line for line in text.splitlines() if re.search(rf"\bdport={port}\b", line)]
+
+
+def test_every_node_answers_the_task_sees_the_client_and_the_addressed_node_keeps_no_state(lab):
+    up(lab, DSR)
+    addr = nodes(lab)
+    node_ns = {n: f"{lab.host}-{n}" for n in addr}
+    web = hostnames(lab, "web")
+    for node in ("n1", "n2", "n3"):
+        got = spread(f"http://{addr[node]}:8080/", lab.host, web)
+        assert {a.split()[0][5:] for a in got} == web, (node, got)
+        assert all(a.endswith(f"client={HOST_ADDRESS}") for a in got), got
+    # n2 and n3 run no task: they handed the requests over in their device's ingress hook, before
+    # their IP stack, so neither they nor their ingress namespaces hold any state of them; n1 DNAT'd
+    # the connections addressed to n2 and n3 and answered from there
+    for node in ("n2", "n3"):
+        assert flows(node_ns[node], 8080) == [], node
+        assert flows(f"{node_ns[node]}-ingress", 8080) == [], node
+        assert any(f"src={HOST_ADDRESS} dst={addr[node]} " in f for f in flows(node_ns["n1"], 8080))
+    flows_map = sh(["nft", "list", "map", "netdev", "mesh_dsr", "flows"], node_ns["n2"]).stdout
+    assert f"{HOST_ADDRESS} . " in flows_map and ". tcp . 8080" in flows_map, flows_map
+    # UDP the same way, spread by source port
+    want, seen = hostnames(lab, "dgram"), set()
+    for _ in range(40):
+        answer = udp_ask(lab.host, addr["n3"], 9090)
+        assert answer.endswith(f"client={HOST_ADDRESS}"), answer
+        seen.add(answer.split()[0][5:])
+        if seen == want:
+            break
+    assert seen == want
+    assert flows(node_ns["n3"], 9090) == []
+    # a node, and a task, asking another node's address take the ordinary routing mesh (handed
+    # over, their packet would come back to n1 with its own address as the source)
+    assert curl(f"http://{addr['n2']}:8080/", node_ns["n1"]).strip().endswith(f"client={addr['n1']}")
+    assert lab.exec("web.1", "curl", "-sS", "--max-time", "3",
+                    f"http://{addr['n3']}:8080/").stdout.startswith("host=")
+    # taken down, nothing of it is left on a node
+    up(lab, DSR.replace("x-mesh: {ingress: dsr}", "x-mesh: {ingress: nat}"))
+    for node in ("n1", "n2", "n3"):
+        tables = sh(["nft", "list", "tables"], node_ns[node]).stdout
+        assert "mesh_dsr" not in tables, (node, tables)
+    got = spread(f"http://{addr['n2']}:8080/", lab.host, web)
+    assert {a.split()[0][5:] for a in got} == web, got
+
+
+SPREAD = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 1, placement: {constraints: ["node.hostname!=n2"]}}
+    ports: ["8080:80"]
+    environment: {GENERATION: "@GEN@"}
+    x-mesh: {ingress: dsr}
+  dgram:
+    command: "@ECHO@ 90 udp"
+    deploy: {replicas: 1, placement: {constraints: ["node.hostname!=n2"]}}
+    ports: ["9090:90/udp"]
+    x-mesh: {ingress: dsr}
+"""
+
+
+def test_a_flow_stays_on_its_node_while_nodes_join_the_service(lab):
+    """UDP flows (one client port each) keep their task while the service grows onto another
+    node: the flows map holds them, where a hash over the new set of nodes would move about half."""
+    up(lab, SPREAD.replace("@GEN@", "1"))
+    addr = nodes(lab)
+    ports = range(40100, 40110)
+    first = {p: udp_ask(lab.host, addr["n2"], 9090, source_port=p).split()[0] for p in ports}
+    lab.mesh("service", "scale", "dgram=6")                  # tasks on n1 and n3 now
+    assert {t["node"] for t in lab.json("ps") if t["service"] == "dgram"} == {"n1", "n3"}
+    for p in ports:
+        assert udp_ask(lab.host, addr["n2"], 9090, source_port=p).split()[0] == first[p], p
+    others = {udp_ask(lab.host, addr["n2"], 9090, source_port=41000 + i).split()[0]
+              for i in range(30)}
+    assert len(others) > 1, others                            # new flows spread over the tasks
+
+
+def test_no_failed_request_through_dsr_during_scale_up_down_and_replacement(lab):
+    up(lab, SPREAD.replace("@GEN@", "1"))
+    addr = nodes(lab)
+    assert curl(f"http://{addr['n2']}:8080/", lab.host).startswith("host=")
+    result = churn(lab, f"http://{addr['n2']}:8080/", SPREAD, "replicas: 1")    # n1 and n3
+    assert result["failed"] == 0, result
+    assert result["ok"] > 20, result
+    assert len(result["hosts"]) >= 3, result

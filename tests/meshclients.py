@@ -1,0 +1,91 @@
+"""Clients of a 3-node lab's routing mesh, for the kernel tests: bring a stack up on the lab, ask
+the published ports from the test's host namespace (on the lab's underlay link, HOST_ADDRESS) with
+curl and Python sockets, and run a client loop while the stack changes.
+
+    up(lab, STACK)                  # @ECHO@ in STACK is the echo server; 3 nodes
+    spread(f"http://{nodes(lab)['n2']}:8080/", lab.host, hostnames(lab, "web"))
+    result = churn(lab, url, STACK, "replicas: 2")   # a client loop (tests/loadloop.py) meanwhile
+"""
+import json
+import subprocess
+import time
+
+from labkit import ROOT, SYSTEM_PYTHON, curl, sh
+
+HOST_ADDRESS = "10.97.0.254"      # the test's host namespace on the lab's underlay
+
+
+def up(lab, text: str, *extra: str):
+    path = lab.tmp / f"stack-{time.monotonic_ns()}.yaml"
+    path.write_text(text.replace("@ECHO@", lab.echo))
+    return lab.mesh("up", "-f", str(path), "--nodes", "3", *extra)
+
+
+def nodes(lab) -> dict[str, str]:
+    return {n["name"]: n["address"] for n in lab.json("node", "ls")}
+
+
+def hostnames(lab, service: str) -> set[str]:
+    return {t["hostname"] for t in lab.json("ps") if t["service"] == service}
+
+
+def answers(url: str, netns: str, count: int) -> list[str]:
+    out = []
+    for _ in range(count):
+        body = curl(url, netns)
+        assert body.startswith("host="), body
+        out.append(body.strip())
+    return out
+
+
+def spread(url: str, netns: str, want: set[str], at_most: int = 40) -> list[str]:
+    """Answers from `url` until every host of `want` answered (or `at_most` of them): a random
+    balancer may repeat itself, so a fixed small sample would make the test flaky."""
+    got = []
+    while len(got) < at_most and {a.split()[0][5:] for a in got} != want:
+        got += answers(url, netns, 1)
+    return got
+
+
+def udp_ask(netns: str, address: str, port: int, source_port: int = 0) -> str:
+    code = ("import socket;s=socket.socket(2,2);s.settimeout(2);"
+            f"s.bind(('0.0.0.0',{source_port}));s.connect(('{address}',{port}));s.send(b'x');"
+            "print(s.recv(100).decode())")     # connected: a reply from another address is refused
+    for _ in range(20):
+        proc = sh([SYSTEM_PYTHON, "-c", code], netns, check=False)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+        time.sleep(0.2)
+    raise AssertionError(f"no UDP answer from {address}:{port}: {proc.stderr}")
+
+
+def loop(lab, url: str):
+    stop, out = lab.tmp / "stop", lab.tmp / "loop.json"
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.host, SYSTEM_PYTHON,
+                             str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
+    return proc, stop, out
+
+
+def finish(proc, stop, out) -> dict:
+    stop.touch()
+    proc.wait(30)
+    return json.loads(out.read_text())
+
+
+def churn(lab, url: str, stack: str, replicas: str) -> dict:
+    """The client loop's result while `web` of `stack` (with @GEN@ in its environment) scales to 5,
+    then to 1, then is brought up twice with 3 replicas (`replicas` replaced), a new generation each
+    time, so every task is replaced."""
+    proc, stop, out = loop(lab, url)
+    try:
+        time.sleep(0.5)
+        lab.mesh("service", "scale", "web=5")
+        time.sleep(0.5)
+        lab.mesh("service", "scale", "web=1")
+        time.sleep(0.5)
+        for generation in ("2", "3"):
+            up(lab, stack.replace("@GEN@", generation).replace(replicas, "replicas: 3"))
+            time.sleep(0.5)
+    finally:
+        result = finish(proc, stop, out)
+    return result
