@@ -21,8 +21,11 @@
     one thread, keep-alive): the same two backend processes serve all three paths;
   * a client namespace (mesh-lbclient) on the lab's underlay bridge, 10.97.0.200, with a route to
     the tasks' subnet via n1 (task addresses are not routed from the host namespace);
-  * wrk -t2 -c50 keep-alive from that namespace, three paths:
+  * `webdsr`, the same with 8081 and x-mesh: {ingress: dsr} (direct server return, mesh.lb.dsr);
+  * wrk -t2 -c50 keep-alive from that namespace, four paths:
       ingress  http://<n2's address>:8080/  (n2 runs no replica: the routing mesh carries it to n1)
+      dsr      http://<n2's address>:8081/  (n2 hands the requests to n1 in its device's ingress
+               hook; n1 DNATs them to its tasks and replies straight to the client)
       direct   the task addresses themselves, one wrk thread per task (wrk.lua sets thread.addr)
       haproxy  haproxy in TCP mode in the client namespace (127.0.0.1:8090), roundrobin over the
                same task addresses, nbthread = number of CPUs (the userland-proxy anchor)
@@ -33,7 +36,7 @@
     connection waiting 4 ms between a response and its next request), where p99 is comparable;
     CPU use (whole machine, softirq, wrk, backends, haproxy) is recorded per run, and the CPUs
     other work kept busy just before.
-Targets (issue 5, item 7): ingress >= 0.9x direct RPS, ingress >= 2x haproxy RPS, one-service
+Targets (issue 5, item 7), for ingress and for dsr: >= 0.9x direct RPS, >= 2x haproxy RPS, one-service
 change p99 <= 50 ms at 10k services. Printed as met / not met; nothing is asserted.
 
 Everything runs inside namespaces this script makes (mesh-benchlb and the lab's, mesh-lbclient,
@@ -77,6 +80,7 @@ CLIENT_LINK = "mhcbenchlb"
 CLIENT_ADDRESS = "10.97.0.200"
 UNDERLAY_BRIDGE = "mhlab"
 PUBLISHED = 8080
+PUBLISHED_DSR = 8081        # the same backends behind direct server return (x-mesh: {ingress: dsr})
 ANCHOR_PORT = 8090
 BACKENDS_PER_SERVICE = 10
 LATENCY_DELAY_MS = 4
@@ -402,12 +406,13 @@ def mesh_json(*args: str):
 def write_stack(tmp: Path, replicas: int) -> Path:
     stack = {
         "name": "benchlb",
-        "services": {"web": {
+        "services": {name: {
             "command": f"haproxy -db -f {HERE / 'backend.cfg'}",
             "deploy": {"replicas": replicas,
                        "placement": {"constraints": ["node.hostname == n1"]}},
-            "ports": [{"target": 80, "published": PUBLISHED, "protocol": "tcp", "mode": "ingress"}],
-        }},
+            "ports": [{"target": 80, "published": port, "protocol": "tcp", "mode": "ingress"}],
+            "x-mesh": {"ingress": ingress},
+        } for name, port, ingress in (("web", PUBLISHED, "nat"), ("webdsr", PUBLISHED_DSR, "dsr"))},
     }
     path = tmp / "stack.yaml"
     path.write_text(json.dumps(stack, indent=2))          # JSON is YAML
@@ -434,8 +439,9 @@ def start_lab(res: Resources, tmp: Path, replicas: int) -> dict:
     mesh("up", "-f", str(write_stack(tmp, replicas)), "--nodes", "3")
     deadline = time.monotonic() + 30
     while True:
-        tasks = [t for t in mesh_json("ps") if t["service"] == "web"]
-        if len(tasks) == replicas and all(t["state"] == "running" for t in tasks):
+        every = [t for t in mesh_json("ps") if t["service"] in ("web", "webdsr")]
+        tasks = [t for t in every if t["service"] == "web"]
+        if len(every) == 2 * replicas and all(t["state"] == "running" for t in every):
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"web tasks not running after 30 s: "
@@ -453,7 +459,7 @@ def start_lab(res: Resources, tmp: Path, replicas: int) -> dict:
         subnets.add(str(ipaddress.ip_network(f"{net['address']}/{net['prefixlen']}", strict=False)))
     return {"tasks": tasks, "task_addresses": addrs, "subnets": sorted(subnets),
             "replica_node": nodes[tasks[0]["node"]], "idle_node": idle[0],
-            "backend_pids": [t["pid"] for t in tasks]}
+            "backend_pids": [t["pid"] for t in every]}
 
 
 def attach_client(res: Resources, lab: dict) -> None:
@@ -569,6 +575,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
     idle = lab["idle_node"]
     paths = {
         "ingress": (f"http://{idle['address']}:{PUBLISHED}/", None),
+        "dsr": (f"http://{idle['address']}:{PUBLISHED_DSR}/", None),
         "direct": (f"http://{lab['task_addresses'][0]}:80/",
                    [f"{a}:80" for a in lab["task_addresses"]]),
         "haproxy": (f"http://127.0.0.1:{ANCHOR_PORT}/", None),
@@ -578,6 +585,9 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
     print(f"  client: {CLIENT_NS} ({CLIENT_ADDRESS} on the underlay, route {', '.join(lab['subnets'])} "
           f"via {lab['replica_node']['name']} {lab['replica_node']['address']})")
     print(f"  ingress: {paths['ingress'][0]}  ({idle['name']}, no local replica)")
+    print(f"  dsr:     {paths['dsr'][0]}  (webdsr, the same backends behind x-mesh: {{ingress: dsr}}: "
+          f"{idle['name']} hands requests to n1 in its device's ingress hook, replies go straight "
+          "to the client)")
     print(f"  direct:  {', '.join(paths['direct'][1])}  (one wrk thread per task)")
     print(f"  haproxy: {paths['haproxy'][0]}  (TCP mode, roundrobin over the same task addresses, "
           f"in {CLIENT_NS})")
@@ -587,6 +597,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
     for a in lab["task_addresses"]:
         curl(CLIENT_NS, f"http://{a}:80/")
     curl(CLIENT_NS, paths["haproxy"][0])
+    curl(CLIENT_NS, paths["dsr"][0])
     seen = spread(CLIENT_NS, paths["ingress"][0])
     print(f"  20 new connections through {idle['name']}:{PUBLISHED} reached: "
           + ", ".join(f"{k} x{v}" for k, v in sorted(seen.items())))
@@ -595,7 +606,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
           + ("  <- figures below are skewed by it" if bg > 0.2 else ""))
     for name, (url, addrs) in paths.items():                        # warm-up, not counted
         wrk(res, tmp, url, 2, args.connections, addrs, lab, anchor.pid)
-    main_paths = ["ingress", "direct", "haproxy"]
+    main_paths = ["ingress", "dsr", "direct", "haproxy"]
     runs: dict[str, list[dict]] = {k: [] for k in paths}
 
     def one(label: str, name: str, conns: int, delay_ms: int = 0) -> dict:
@@ -708,6 +719,17 @@ def report(prog: dict | None, traf: dict | None) -> dict:
         print(f"  haproxy / direct:  RPS {hap['rps'] / direct['rps']:.2f}x, {p99('haproxy', 'direct')}")
         print(f"  CPU per request:   ingress {ing['cpu_us_per_req'] / direct['cpu_us_per_req']:.2f}x "
               f"direct, haproxy {hap['cpu_us_per_req'] / direct['cpu_us_per_req']:.2f}x direct")
+        if "dsr" in b:
+            dsr = b["dsr"]
+            d_direct, d_hap = dsr["rps"] / direct["rps"], dsr["rps"] / hap["rps"]
+            print(f"  dsr / direct:      RPS {d_direct:.2f}x (target >= {TARGET_RPS_VS_DIRECT}x: "
+                  f"{verdict(d_direct >= TARGET_RPS_VS_DIRECT)}), {p99('dsr', 'direct')}")
+            print(f"  dsr / haproxy:     RPS {d_hap:.2f}x (target >= {TARGET_RPS_VS_HAPROXY}x: "
+                  f"{verdict(d_hap >= TARGET_RPS_VS_HAPROXY)}), {p99('dsr', 'haproxy')}; CPU per "
+                  f"request {dsr['cpu_us_per_req'] / direct['cpu_us_per_req']:.2f}x direct")
+            summary.update(dsr_vs_direct_rps=d_direct, dsr_vs_haproxy_rps=d_hap,
+                           dsr_direct_target_met=d_direct >= TARGET_RPS_VS_DIRECT,
+                           dsr_haproxy_target_met=d_hap >= TARGET_RPS_VS_HAPROXY)
         if "ingress@n1" in b:
             loc = b["ingress@n1"]
             print(f"  ingress@n1 / direct (diagnostic): RPS {loc['rps'] / direct['rps']:.2f}x, "
