@@ -151,7 +151,8 @@ def _print_summary(api: Api, lab: int) -> None:
         for p in svc.get("published", []):
             where = [n["address"] for n in nodes if p["mode"] == "ingress" or n["name"] in on] \
                 if nodes else ["every address of the host"]
-            rows.append([svc["name"], f'{p["published"]}/{p["protocol"]}', p["target"], p["mode"],
+            mode = p["mode"] + (" (dsr)" if p.get("dsr") and nodes else "")
+            rows.append([svc["name"], f'{p["published"]}/{p["protocol"]}', p["target"], mode,
                          " ".join(f'{a}:{p["published"]}' for a in where) if nodes else where[0]])
     if rows:
         print()

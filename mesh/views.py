@@ -69,7 +69,9 @@ def service_list(desired: DesiredState, status) -> list[dict]:
                              for p in desired.publications if p.service == name}),
             "vips": {n: a for s, n, a in desired.vips if s == name},
             "published": [{"published": p.published, "target": p.target, "protocol": p.protocol,
-                           "mode": p.mode} for p in desired.publications if p.service == name],
+                           "mode": p.mode,
+                           "dsr": p.mode == "ingress" and svc.extensions.get("ingress") == "dsr"}
+                          for p in desired.publications if p.service == name],
             "tasks": [{"name": t.name, "node": t.node or None, "state": states[t.name],
                        "health": statuses[t.name].get("health", "none"),
                        "addresses": {e.network: e.address for e in t.endpoints}} for t in tasks],

@@ -31,7 +31,8 @@ def flows(netns: str, port: int) -> list[str]:
 
 
 def test_every_node_answers_the_task_sees_the_client_and_the_addressed_node_keeps_no_state(lab):
-    up(lab, DSR)
+    shown = up(lab, DSR).stdout
+    assert re.search(r"web\s+8080/tcp\s+80\s+ingress \(dsr\)\s+10\.97\.0\.1:8080", shown), shown
     addr = nodes(lab)
     node_ns = {n: f"{lab.host}-{n}" for n in addr}
     web = hostnames(lab, "web")
