@@ -20,9 +20,9 @@ drained first, changed tasks replaced one at a time (each back in the balancers 
 change at a time, the last state written back when a step fails — because each step is one write
 of /mesh/desired (ClusterController._apply_all) followed by a wait, bounded by MESH_APPLY_TIMEOUT
 (30 s), until every registered node's reports show it applied: its tasks reported with their ids,
-a restarted task reported with a new start, a removed task's report gone; a step that drains
-(balancers, DNS: nothing a task report shows) also waits until every node's record acknowledges
-the revision of /mesh/desired it applied (NodeInfo.applied). A task restarting
+a restarted task reported with a new start, a removed task's report gone, and every node's record
+acknowledging the revision of /mesh/desired it applied (NodeInfo.applied: balancers, DNS and the
+nodes without tasks of the change show in no task report). A task restarting
 is written draining first and back once reported anew, so no other node balances to it on its old
 report. Readiness and task states come from the reports; whether a draining task still serves
 connections is read from its process when its node is on this machine (a lab), otherwise from its
@@ -247,7 +247,6 @@ class ClusterController(Controller):
             return                                   # written already (the last step of a change)
         before, reports = self.doc.desired, dict(self.statuses)
         errors = {name: n.error for name, n in self.live.items()}
-        drains = bool(doc.desired.draining - before.draining)
         await self._publish(doc, record=False)
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -258,8 +257,9 @@ class ClusterController(Controller):
                 raise MeshError("; ".join(f"node {name} could not apply the change: {error}"
                                           for name, error in failed))
             waiting = self._unapplied(before, doc.desired, reports)
-            if drains:     # the balancers' part, which no report shows: each node acknowledges it
-                waiting |= {name for name, n in self.live.items() if n.applied < self.doc_rev}
+            # what no task report shows (balancers, DNS, a node with no task of the change, its
+            # failure): each node acknowledges the revision it applied
+            waiting |= {name for name, n in self.live.items() if n.applied < self.doc_rev}
             if not waiting:
                 break
             if loop.time() - start >= self.apply_timeout:

@@ -10,9 +10,10 @@ Its host namespace is the one it runs in (host_netns None). It
   when it expires the leader marks the node down and moves its tasks;
 - watches /mesh/desired and applies the latest ClusterDoc's desired state with mesh.agent.Agent
   (built as the daemon builds a node's agent), which runs only this node's tasks; changes that
-  arrive while an apply runs coalesce into the next one; when tasks are draining (or were) it
-  writes the revision it applied into its node record (NodeInfo.applied): the manager's drain
-  step waits for it, as no task report shows that the balancers let go of a task;
+  arrive while an apply runs coalesce into the next one; it writes the revision it applied into
+  its node record (NodeInfo.applied), or the one that failed with its error (NodeInfo.failed):
+  each step of the manager waits for it, as no task report shows that the balancers let go of a
+  task, nor that a node without tasks of the change applied it;
 - reports each task's state at /mesh/status/<name>/<task> (put with its lease, so a dead node's
   reports vanish with it) whenever it changes: running, health, whether it takes traffic
   (mesh.readiness: ready, and the published ports it does not listen on yet), and for a draining
@@ -194,10 +195,10 @@ class NodeAgent:
                 if doc.desired != before or options != self.dns_options or self.error:
                     await self._apply(doc.desired, options)
                     self.status_dirty.set()
-            # a step that drains shows in no task report: the node record says it is applied;
-            # a failed apply says which revision failed (the manager fails the step at once)
-            ack = not self.error and bool(doc.desired.draining or before.draining) \
-                and revision > self.acked
+            # the node record says which revision is applied (a drain, a balancer, a node with
+            # no task: nothing a task report shows) or which one failed (the manager fails the
+            # step at once, also on a node whose tasks did not change)
+            ack = not self.error and revision > self.acked
             if ack:
                 self.acked = revision
             failed = bool(self.error) and revision != self.failed

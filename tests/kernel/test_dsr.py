@@ -113,3 +113,27 @@ def test_no_failed_request_through_dsr_during_scale_up_down_and_replacement(lab)
     assert result["failed"] == 0, result
     assert result["ok"] > 20, result
     assert len(result["hosts"]) >= 3, result
+
+
+def test_a_node_off_the_link_refuses_dsr_and_the_change_is_undone(lab):
+    up(lab, DSR.replace("{ingress: dsr}", "{ingress: nat}"))
+    addr = nodes(lab)
+    n3 = f"{lab.host}-n3"
+    # n3's address alone on its subnet (/32, the lab's subnet routed): the other nodes are off-link
+    sh(["ip", "addr", "del", f"{addr['n3']}/24", "dev", "eth0"], n3)
+    sh(["ip", "addr", "add", f"{addr['n3']}/32", "dev", "eth0"], n3)
+    sh(["ip", "route", "add", "10.97.0.0/24", "dev", "eth0"], n3)
+    stack = lab.tmp / "dsr.yaml"
+    stack.write_text(DSR.replace("@ECHO@", lab.echo))
+    failed = lab.mesh("up", "-f", str(stack), "--nodes", "3", check=False)
+    assert failed.returncode != 0, failed.stdout
+    assert (f"node n3 could not apply the change: DsrError: x-mesh ingress: dsr needs every node on "
+            f"one link: node n1's address {addr['n1']} is outside {addr['n3']}/32, the subnet of "
+            f"eth0 on n3") in failed.stderr, failed.stderr
+    # the change is undone on every node: no DSR table, the routing mesh answers as before
+    for node in ("n1", "n2", "n3"):
+        assert "mesh_dsr" not in sh(["nft", "list", "tables"], f"{lab.host}-{node}").stdout, node
+    assert all(not s["published"][0]["dsr"] for s in lab.json("service", "ls"))
+    web = hostnames(lab, "web")
+    got = spread(f"http://{addr['n2']}:8080/", lab.host, web)
+    assert {a.split()[0][5:] for a in got} == web, got

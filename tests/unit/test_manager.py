@@ -282,7 +282,7 @@ async def test_a_change_on_the_store_drains_and_replaces_one_task_at_a_time():
 
 
 @run
-async def test_a_drain_step_waits_until_every_node_acknowledges_it(caplog):
+async def test_every_step_waits_until_every_node_acknowledges_it(caplog):
     store = MemoryStore()
     nodes = ReportingNodes(store, ["n1", "n2"], ack=False)
     m1 = Manager(store, "m1")
@@ -291,7 +291,9 @@ async def test_a_drain_step_waits_until_every_node_acknowledges_it(caplog):
     await m1.ctl.up(load_stack("services:\n  web: {command: sleep 300, deploy: {replicas: 2}}\n",
                                name="s"))
     await until(lambda: m1.ctl.readiness().ready == {"web.1", "web.2"}, what="reports read")
-    assert "going on after" not in caplog.text           # no drain: the task reports suffice
+    waited = [r.getMessage() for r in caplog.records if "going on after" in r.getMessage()]
+    assert waited and "n1" in waited[0] and "n2" in waited[0], waited   # the task reports alone
+    caplog.clear()                                                      # do not suffice
     await m1.ctl.scale("web", 1)                         # drains web.2: no report shows that
     waited = [r.getMessage() for r in caplog.records if "going on after" in r.getMessage()]
     assert waited and "n1" in waited[0] and "n2" in waited[0], waited
@@ -403,7 +405,7 @@ async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
     await until(lambda: node.keeper is not None and node.keeper.lease, what="registered")
     registered = NodeInfo(**{**json.loads((await store.get(NODES + "n1")).value)})
     assert registered.name == "n1" and registered.agent_pid
-    await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack)))
+    first = await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack)))
     await until(lambda: agent.applied == desired, what="applied")
     mine = sorted(desired.on_node("n1"))
 
@@ -418,20 +420,20 @@ async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
     assert sorted(statuses) == mine and statuses[mine[0]]["state"] == "running"
     assert statuses[mine[0]]["id"] == desired.tasks[mine[0]].id
     assert load_applied(node.state_path) == desired
+    async def acknowledged(revision):                  # the node record says it is applied
+        for _ in range(200):
+            if decode(NodeInfo, (await store.get(NODES + "n1")).value).applied == revision:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+    assert await acknowledged(first)
     n_applies = len(agent.applies)
-    await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack, serial=9)))
-    await asyncio.sleep(0.1)
+    same = await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack, serial=9)))
+    assert await acknowledged(same)
     assert len(agent.applies) == n_applies             # nothing of this node changed: no apply
-    async def read_record():
-        return decode(NodeInfo, (await store.get(NODES + "n1")).value)
-    assert (await read_record()).applied == 0          # no drain: the task reports show it all
     revision = await store.put(DESIRED, encode(ClusterDoc(
         desired=replace(desired, draining=frozenset([mine[0]])), stack=stack, serial=10)))
-    for _ in range(200):                               # a drain: the node record acknowledges it
-        if (await read_record()).applied == revision:
-            break
-        await asyncio.sleep(0.01)
-    assert (await read_record()).applied == revision
+    assert await acknowledged(revision)
     stop.set()
     await job
     await node.leave()
