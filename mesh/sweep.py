@@ -1,5 +1,7 @@
 """Remove what a daemon of a host namespace left behind when it could not clean up itself
-(it was killed): task processes (from their pid files), sandboxes, their /etc/netns folders, mesh links and the `mesh` table of the host.
+(it was killed): task processes (from their pid files), sandboxes (never those of another host
+namespace whose names share the prefix: owned_namespaces), their /etc/netns folders, mesh links
+and the `mesh` tables of the host.
 
     sweep(host_netns)   # returns what it removed; `mesh down` calls it when no daemon answers
 """
@@ -21,14 +23,44 @@ OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvla
 #                                                          links, ingress uplinks
 
 
+def owned_namespaces(existing: list[str], host_netns: str | None, lab_nodes: list[str],
+                     other_hosts: frozenset[str] = frozenset()) -> list[str]:
+    """The namespaces of `existing` that a daemon of `host_netns` made (pure). Names alone are
+    ambiguous: the root's prefix `mesh-` (or `mesh-x-` of host `mesh-x`) also starts every name of
+    another host namespace (`mesh-x-y`, `mesh-lab1-…` of host `lab1`) and of its sandboxes. Those
+    are left: a name belongs to the namespace with the longest sandbox prefix it starts with (this
+    host, one of its lab nodes, or another), and a namespace with sandboxes or a run directory of
+    its own (`other_hosts`) is another host namespace.
+    `existing`: every namespace of the machine."""
+    prefix = names.sandbox_prefix(host_netns)
+    under = names.sandbox_prefix                       # the names of the sandboxes of a namespace
+    out = []
+    for n in [n for n in existing if n.startswith(prefix) and n != host_netns]:
+        # whose sandbox the name says it is: the namespace with the longest such prefix
+        owner = max((h for h in existing if h != n and n.startswith(under(h))),
+                    key=lambda h: len(under(h)), default=host_netns)
+        if n in lab_nodes or owner in lab_nodes:
+            out.append(n)
+        elif owner != host_netns:
+            continue                          # a sandbox of another host namespace
+        elif n in other_hosts or any(m.startswith(under(n)) for m in existing):
+            continue                          # another host namespace (a run dir, sandboxes)
+        else:
+            out.append(n)
+    return out
+
+
 def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     nl = nl or Netlink()
     paths = Paths.for_host(host_netns)
     nodes = sorted(os.listdir(paths.nodes)) if os.path.isdir(paths.nodes) else []
     logs = [paths.logs] + [paths.node(n).logs for n in nodes]      # the lab's nodes too
     removed = [f"process {pid}" for d in logs for pid in kill_leftovers(d)]
-    prefix = names.sandbox_prefix(host_netns)
-    for ns in nl.list_netns(prefix):
+    lab = [names.sandbox_netns(host_netns, n) for n in nodes]
+    base = os.path.dirname(paths.root)
+    others = frozenset(d for d in os.listdir(base) if d != names.scope_of(host_netns)) \
+        if os.path.isdir(base) else frozenset()
+    for ns in owned_namespaces(nl.list_netns(""), host_netns, lab, others):
         if ns != host_netns:
             nl.delete_netns(ns)
             shutil.rmtree(os.path.join(ETC_NETNS, ns), ignore_errors=True)

@@ -143,6 +143,23 @@ def test_mesh_down_after_the_lab_daemon_was_killed_removes_everything(cluster):
     assert left == []
 
 
+def test_mesh_down_with_no_daemon_leaves_the_namespaces_of_another_host_namespace(lab):
+    """The sweep of host H removes H's sandboxes, not a host named H-b (whose name and whose
+    sandboxes' names start with H's prefix) nor its sandboxes."""
+    ours, other = f"{lab.host}-web.1", f"{lab.host}-b"
+    theirs = [other, f"{other}-web.1"]
+    try:
+        for ns in [ours, *theirs]:                   # lab.host is the Lab's
+            sh(["ip", "netns", "add", ns])
+        out = lab.mesh("down").stdout                 # no daemon answers: mesh down sweeps
+        left = [line.split()[0] for line in sh(["ip", "netns", "list"]).stdout.splitlines()]
+        assert ours not in left and f"namespace {ours}" in out, (out, left)
+        assert all(t in left for t in theirs), (out, left)
+    finally:
+        for ns in [ours, *theirs]:
+            sh(["ip", "netns", "del", ns], check=False)
+
+
 def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(lab):
     host = lab.host + "x"                            # not made by the test: the lab makes it
     path = lab.tmp / "small.yaml"
