@@ -60,7 +60,7 @@ def cmd_up(args, api: Api) -> int:
     if args.json:
         _emit(args, data["tasks"], _print_tasks)
         return 0
-    _wait_ready(api, args.wait)
+    _wait_ready(api, args.wait, bool(data["tasks"]))
     _print_summary(api, args.nodes)
     return 0
 
@@ -115,11 +115,15 @@ def _not_ready(task: dict) -> str | None:
     return None
 
 
-def _wait_ready(api: Api, timeout: float) -> None:
-    """Progress on stderr until every task runs (and is healthy, if checked), or `timeout`."""
+def _wait_ready(api: Api, timeout: float, expect_tasks: bool = True) -> None:
+    """Progress on stderr until every task runs (and is healthy, if checked), or `timeout`; an
+    error when the stack goes away meanwhile (the daemon stopped, or a mesh down ran)."""
     deadline, last = time.monotonic() + timeout, None
     while True:
         tasks = api.checked("GET", "/v1/tasks")
+        if expect_tasks and not tasks:
+            raise MeshError("the stack went away while mesh up waited for it: the daemon was "
+                            "stopped or mesh down ran")
         waiting = {t["name"]: w for t in tasks if (w := _not_ready(t))}
         line = f"mesh: {len(tasks) - len(waiting)}/{len(tasks)} tasks ready" + (
             " (waiting: " + ", ".join(f"{n} {w}" for n, w in sorted(waiting.items())[:6]) +

@@ -1,5 +1,9 @@
 """`mesh down` leaves nothing; invalid input is refused with a clear error and changes nothing."""
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +133,29 @@ networks:
 """, check=False)
     assert proc.returncode == 1 and "macvlan parent interface 'mhnothere' does not exist" in proc.stderr
     assert kernel_snapshot(lab) == running and lab.task("web.1")["pid"] == pid
+
+
+def test_a_daemon_stopped_while_mesh_up_waits_is_an_error_not_empty_tables(lab):
+    """SIGTERM to the daemon while `mesh up` waits for a task that never gets ready: the daemon
+    takes the stack down and stops, and mesh up says so (it printed empty tables and exited 0)."""
+    path = lab.tmp / "never.yaml"
+    path.write_text("services:\n  web:\n    command: sleep 300\n    healthcheck:\n"
+                    "      test: [\"CMD\", \"false\"]\n      interval: 1s\n")
+    up = subprocess.Popen([*lab.mesh_argv(), "up", "-f", str(path), "--wait", "60"], env=lab.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = Path(lab.env["MESH_RUN_DIR"]) / lab.host / "daemon.pid"
+    try:
+        deadline = time.monotonic() + 30
+        while lab.mesh("ps", check=False).returncode != 0 or not lab.json("ps"):
+            assert time.monotonic() < deadline, "the stack never came up"
+            time.sleep(0.1)
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode != 0, (out, err)
+    assert ("the stack went away while mesh up waited for it" in err
+            or "no mesh daemon runs for this host namespace" in err), err
+    assert "TASK" not in out, out                    # no empty tables
+    assert [n for n in kernel_snapshot(lab)["netns"] if n != lab.host] == []
