@@ -3,7 +3,7 @@ with a packet that reaches a published port on its underlay address.
 
     x-mesh: {ingress: dsr}          # in a service of the stack, beside ports in ingress mode
 
-    plan = build_dsr(desired, "n2", readiness, device="eth0", prefixlen=24)   # None: nothing to do
+    plan = build_dsr(desired, "n2", readiness, device="eth0", prefixlen=24)   # None: not a cluster
     text = render_dsr(plan, previous_plan)     # the node's `mesh_dsr` netdev table, one transaction
     mesh.hostrules.render_host_table(view, plan)  # DNAT of arriving packets to this node's tasks
 
@@ -24,6 +24,18 @@ Traffic that does not come in through the underlay device (the node itself, its 
 comes from another node's address, takes the ordinary routing mesh (the ingress namespace), which
 balances the same tasks: handed over, a packet from a node would reach a node with its own address
 as the source (a martian).
+
+Never a loop: in a cluster every node's plan holds every ingress-mode port (DSR or not), and a
+packet addressed to another node for one of them that reaches this node (handed over by a node
+whose view is ahead of or behind this one's) is DNAT'd to this node's own tasks or to its ingress
+namespace, never routed back onto the link.
+
+Limits: the flows map cannot be rewritten from the packet path (nft refuses `delete` on a map and
+`update` keeps the stored node), so a flow whose node lost every task is placed by the hash on
+each packet, and moves again if the set of nodes changes meanwhile; with client-IP affinity the
+hash takes only the client address, but the map holds each connection, so a client's new
+connections follow the hash when nodes come and go. Non-first fragments of a UDP datagram (no
+port to match) and ICMP errors (PMTU) for a flow reach the addressed node, not the serving one.
 """
 from __future__ import annotations
 
@@ -54,10 +66,16 @@ class DsrPort:
     protocol: str
     port: int                                   # the published port
     target: int
-    buckets: tuple[str, ...]                    # node address per ready task: where new flows go
-    nodes: tuple[str, ...]                      # nodes a flow may stay on (alive tasks, draining too)
-    local: tuple[str, ...]                      # this node's task addresses taking new connections
+    buckets: tuple[str, ...] = ()               # node address per ready task: where new flows go
+    nodes: tuple[str, ...] = ()                 # nodes a flow may stay on (alive tasks, draining too)
+    local: tuple[str, ...] = ()                 # this node's task addresses taking new connections
     affinity: bool = False
+    dsr: bool = True                            # False: an ingress port of the NAT routing mesh
+
+    @property
+    def handed_over(self) -> bool:
+        """The addressed node hands this port's packets to a node (its netdev table)."""
+        return self.dsr and bool(self.nodes)
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,13 @@ class DsrPlan:
     def arrivals(self) -> tuple[str, ...]:
         """Destination addresses of DSR packets this node may receive: its own and its peers'."""
         return (self.address,) + self.peers
+
+    @property
+    def handed_over(self) -> tuple[DsrPort, ...]:
+        return tuple(p for p in self.ports if p.handed_over)
+
+
+NO_DSR = DsrPlan("", "", (), ())                # known to hand nothing over (no netdev table)
 
 
 def mark(address: str) -> int:
@@ -87,20 +112,30 @@ def _local_address(desired: DesiredState, task) -> str | None:
     return None
 
 
+def needs_plan(desired: DesiredState, node: str) -> bool:
+    """A cluster node with ports in ingress mode (its plan guards them, DSR or not)."""
+    return node in desired.underlay and bool(desired.ingress) and any(
+        p.mode == "ingress" for p in desired.publications)
+
+
 def build_dsr(desired: DesiredState, node: str, rd: Readiness, device: str,
               prefixlen: int) -> DsrPlan | None:
-    """What `node` does for DSR ports, or None when no service asks for it (or not in a cluster)."""
-    own = desired.underlay.get(node)
-    pubs = [p for p in desired.publications if p.mode == "ingress" and wants_dsr(desired, p.service)]
-    if own is None or not desired.ingress or not pubs:
+    """What `node` does with packets of ingress-mode ports that arrive on its underlay device:
+    hand DSR ones over, DNAT those handed to it; None when it is not a cluster node with such ports."""
+    if not needs_plan(desired, node):
         return None
+    own = desired.underlay[node]
+    pubs = [p for p in desired.publications if p.mode == "ingress"]
     link = ip_interface(f"{own}/{prefixlen}").network
     for name, address in sorted(desired.underlay.items()):
-        if IPv4Address(address) not in link:
+        if IPv4Address(address) not in link and any(wants_dsr(desired, p.service) for p in pubs):
             raise DsrError(f"x-mesh ingress: dsr needs every node on one link: node {name}'s "
                            f"address {address} is outside {link}, the subnet of {device} on {node}")
     ports = []
     for p in pubs:
+        if not wants_dsr(desired, p.service):
+            ports.append(DsrPort(p.protocol, p.published, p.target, dsr=False))
+            continue
         tasks = [t for t in desired.tasks.values() if t.service == p.service]
         buckets, nodes, local = [], set(), []
         for t in sorted(tasks, key=lambda t: t.name):
@@ -113,10 +148,9 @@ def build_dsr(desired: DesiredState, node: str, rd: Readiness, device: str,
                 address = _local_address(desired, t)
                 if t.node == node and address:
                     local.append(address)
-        if nodes:
-            affinity = desired.services[p.service].extensions.get("affinity") == "client-ip"
-            ports.append(DsrPort(p.protocol, p.published, p.target, tuple(buckets),
-                                 tuple(sorted(nodes, key=mark)), tuple(local), affinity))
+        affinity = desired.services[p.service].extensions.get("affinity") == "client-ip"
+        ports.append(DsrPort(p.protocol, p.published, p.target, tuple(buckets),
+                             tuple(sorted(nodes, key=mark)), tuple(local), affinity))
     peers = tuple(sorted((a for n, a in desired.underlay.items() if n != node), key=mark))
     return DsrPlan(device, own, peers, tuple(ports))
 
@@ -132,8 +166,8 @@ def _node_chain(address: str) -> str:
 def _chains(plan: DsrPlan | None) -> set[str]:
     if plan is None:
         return set()
-    out = {_port_chain(p) for p in plan.ports}
-    out |= {_node_chain(a) for p in plan.ports for a in p.nodes}
+    out = {_port_chain(p) for p in plan.handed_over}
+    out |= {_node_chain(a) for p in plan.handed_over for a in p.nodes}
     return out
 
 
@@ -162,12 +196,12 @@ def _node_rules(plan: DsrPlan, address: str) -> list[str]:
 def render_dsr(plan: DsrPlan | None, old: DsrPlan | None) -> str:
     """The transaction that makes the node's `mesh_dsr` table what `plan` needs (None: no table).
     The flows map is kept from one change to the next (chains are flushed and written again); a
-    first apply (`old` None: a table left by an earlier agent is unknown) or a new device starts
-    the table afresh."""
+    first apply (`old` None: a table left by an earlier agent is unknown, so it goes) or a new
+    device starts the table afresh. `old` is the plan last applied, or None for "unknown"."""
     head = f"table netdev {TABLE}\ndelete table netdev {TABLE}\n"
-    if plan is None or not plan.ports:
-        return head if old is not None else ""
-    out = head if old is None or old.device != plan.device else ""
+    if plan is None or not plan.handed_over:
+        return head if old is None or old.handed_over else ""
+    out = head if old is None or not old.handed_over or old.device != plan.device else ""
     gone = _chains(old) - _chains(plan) if out == "" else set()
     out += (f"table netdev {TABLE} {{\n"
             f"  map flows {{ type ipv4_addr . inet_service . inet_proto . inet_service : mark; "
@@ -181,14 +215,14 @@ def render_dsr(plan: DsrPlan | None, old: DsrPlan | None) -> str:
         out += f"flush chain netdev {TABLE} {name}\n"
     for name in sorted(gone):
         out += f"delete chain netdev {TABLE} {name}\n"
-    ports = ", ".join(f"{p.protocol} . {p.port} : jump {_port_chain(p)}" for p in plan.ports)
+    ports = ", ".join(f"{p.protocol} . {p.port} : jump {_port_chain(p)}" for p in plan.handed_over)
     # a node (or its containers, masqueraded) asking another node: DSR would hand the packet back
     # to the asking node with its own address as the source, a martian there: the routing mesh
     nodes = ", ".join(plan.arrivals)
     body = [("ingress", [f"ip daddr {plan.address} ip saddr != {{ {nodes} }} "
                          f"meta l4proto . th dport vmap {{ {ports} }}"])]
-    body += [(_port_chain(p), _port_rules(plan, p)) for p in plan.ports]
-    body += [(_node_chain(a), _node_rules(plan, a)) for a in sorted({a for p in plan.ports
+    body += [(_port_chain(p), _port_rules(plan, p)) for p in plan.handed_over]
+    body += [(_node_chain(a), _node_rules(plan, a)) for a in sorted({a for p in plan.handed_over
                                                                     for a in p.nodes}, key=mark)]
     for name, rules in body:
         out += "".join(f"add rule netdev {TABLE} {name} {r}\n" for r in rules)

@@ -10,6 +10,7 @@ cluster's desired state; a backend (mesh.lb.nftables, mesh.lb.ipvs) makes the ke
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 PROTOCOLS = ("tcp", "udp")
@@ -48,3 +49,9 @@ Table = dict[str, VirtualService]    # one namespace's balancer, by VirtualServi
 
 def table_of(services) -> Table:
     return {s.key: s for s in services}
+
+
+def seed_of(key: str) -> int:
+    """A fixed hash seed for `key` (a service, a published port): the same on every node and every
+    rewrite of the rules, so client-address affinity survives changes."""
+    return int.from_bytes(hashlib.blake2s(key.encode(), digest_size=4).digest(), "big")

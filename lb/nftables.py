@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 
-from mesh.lb.model import Table, VirtualService
+from mesh.lb.model import Table, VirtualService, seed_of
 from mesh.nft import Nft
 
 TABLE = "mesh_lb"
@@ -47,7 +47,7 @@ def service_rules(s: VirtualService) -> list[str]:
         return ["meta l4proto tcp reject with tcp reset", "reject"]
     rules = [f"meta mark set {MASQ_MARK:#x}"] if s.masquerade else []
     # a fixed seed per service: every node and every rewrite sends a client to the same backend
-    seed = int.from_bytes(hashlib.blake2s(s.key.encode(), digest_size=4).digest(), "big")
+    seed = seed_of(s.key)
     n = len(active)
     for i, b in enumerate(active):
         port = b.port if b.port is not None else s.port

@@ -21,7 +21,7 @@ from mesh.coalesce import Coalescing
 from mesh.etcfiles import render_hosts, render_resolv_conf
 from mesh.hostrules import render_delete_table, render_host_table
 from mesh.lb.conntrack import flush_udp_to, removed_udp_backends
-from mesh.lb.dsr import DsrError, DsrPlan, build_dsr, render_dsr, wants_dsr
+from mesh.lb.dsr import NO_DSR, DsrError, DsrPlan, build_dsr, needs_plan, render_dsr, wants_dsr
 from mesh.lb.dsr import render_delete as render_dsr_delete
 from mesh.lb.nftables import NftLb
 from mesh.lb.plan import build_balancers, render_return_table, return_routes
@@ -41,7 +41,7 @@ def _udp_backends(publications) -> set[str]:
 
 
 def _dsr_udp(plan: DsrPlan | None) -> set[str]:
-    return {b for p in plan.ports if p.protocol == "udp" for b in p.local} if plan else set()
+    return {b for p in plan.ports if p.protocol == "udp" and p.dsr for b in p.local} if plan else set()
 
 
 def restart_key(t: TaskState) -> tuple:
@@ -68,8 +68,7 @@ class Agent:
         self.lb_tables: dict = {}        # namespace -> the Table last given to self.lb
         self.host_text: str | None = None    # the host table last applied
         self.host_pubs: tuple = ()           # its publications
-        self.dsr: DsrPlan | None = None      # direct server return applied with it (mesh.lb.dsr)
-        self.underlay_if: dict = {}          # underlay address -> (its interface, prefix length)
+        self.dsr: DsrPlan | None = None      # mesh.lb.dsr's plan applied with it (None: unknown)
         self.returns: dict = {}          # task -> ReturnRoutes applied in its sandbox
         # () -> Readiness cluster-wide: in a cluster its NodeAgent gives it its own tasks' and the
         # other nodes' reports (mesh.nodeagent); alone, tasks of other nodes count as ready
@@ -182,8 +181,8 @@ class Agent:
         if view.networks:
             text = render_host_table(view, dsr) + render_dsr(dsr, self.dsr)
         else:
-            text = (render_delete_table() + (render_dsr_delete() if self.dsr else "")
-                    if self.host_text is not None else None)
+            text = render_delete_table() + render_dsr_delete() if self.host_text is not None \
+                else None
         if text is not None and text != self.host_text:
             self.nft.apply(self.host, text)
             gone = (_udp_backends(self.host_pubs) | _dsr_udp(self.dsr)) - (
@@ -192,19 +191,21 @@ class Agent:
                 self._quietly(flush_udp_to, self.host, gone)
         self.host_text = text if view.networks else None
         self.host_pubs = view.publications
-        self.dsr = dsr if dsr is not None and dsr.ports else None
+        self.dsr = (dsr or NO_DSR) if view.networks else None
 
     def _dsr_plan(self, desired: DesiredState, readiness: rd.Readiness) -> DsrPlan | None:
-        """Direct server return for this node, when a service asks for it in a cluster."""
-        address = desired.underlay.get(self.node)
-        if address is None or not desired.ingress or not any(
-                p.mode == "ingress" and wants_dsr(desired, p.service) for p in desired.publications):
+        """How this cluster node treats packets of ingress-mode ports arriving on its underlay
+        device (mesh.lb.dsr): hand DSR ones over, DNAT those handed to it, never loop."""
+        if not needs_plan(desired, self.node):
             return None
-        where = self.underlay_if.get(address) or self.nl.interface_of(self.host, address)
+        address = desired.underlay[self.node]
+        where = self.nl.interface_of(self.host, address)     # looked up anew: devices change
         if where is None:
-            raise DsrError(f"x-mesh ingress: dsr: node {self.node}'s address {address} is on none "
-                           f"of its interfaces")
-        self.underlay_if = {address: where}
+            if any(p.mode == "ingress" and wants_dsr(desired, p.service)
+                   for p in desired.publications):
+                raise DsrError(f"x-mesh ingress: dsr: node {self.node}'s address {address} is on "
+                               "none of its interfaces")
+            return None
         return build_dsr(desired, self.node, readiness, *where)
 
     async def _apply(self, desired: DesiredState, old: DesiredState) -> None:

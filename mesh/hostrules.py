@@ -8,15 +8,17 @@ What it holds (Docker's bridge driver behaviour, one table, nothing else touched
   from 127.0.0.0/8 that were DNAT'd are masqueraded, and a raw-priority guard drops packets to
   127.0.0.0/8 arriving on any other interface than `lo` (the kube-proxy CVE-2020-8558 lesson);
 - several backends of one published port are chosen with `numgen random`.
-- direct server return (mesh.lb.dsr): packets of a DSR port that arrive on the underlay device,
-  addressed to this node or handed over by another one, are DNAT'd to this node's own tasks, or,
-  when none takes new connections (a flow kept on a node whose tasks drain), to its ingress
-  namespace (the ordinary routing mesh); such a packet is never routed back to where it came from.
+- in a cluster (mesh.lb.dsr's plan): packets of an ingress-mode port that arrive on the underlay
+  device from a client, addressed to this node or handed over by another one, are DNAT'd to this
+  node's own tasks (a DSR port with a local task taking new connections) or to its ingress
+  namespace (the ordinary routing mesh: no such task, or not a DSR port); such a packet is never
+  routed back onto the link it came from.
 The whole table is replaced in one transaction, so a reader never sees half a ruleset.
 """
 from __future__ import annotations
 
 from mesh.lb.dsr import DsrPlan
+from mesh.lb.model import seed_of
 from mesh.state import INGRESS_LOCAL, DesiredState, NetworkState, Publication
 
 TABLE = "mesh"
@@ -48,31 +50,39 @@ def _dnat(p: Publication) -> str | None:
     return _dnat_to(match + f"meta l4proto {p.protocol} th dport {p.published}", p.backends, p.target)
 
 
-def _dnat_to(match: str, backends, target: int, pick: str = "numgen random") -> str | None:
+def _dnat_to(match: str, backends, target: int, seed: int | None = None) -> str | None:
+    """DNAT to one of `backends`: at random, or by a hash of the client address with `seed`."""
     if not backends:
         return None
     if len(backends) == 1:
         return f"{match} dnat to {backends[0]}:{target}"
+    pick = f"jhash ip saddr mod {len(backends)} seed {seed:#x}" if seed is not None else \
+        f"numgen random mod {len(backends)}"
     choices = ", ".join(f"{i} : {b} . {target}" for i, b in enumerate(backends))
-    return f"{match} dnat ip addr . port to {pick} mod {len(backends)} map {{ {choices} }}"
+    return f"{match} dnat ip addr . port to {pick} map {{ {choices} }}"
 
 
 def _dsr(plan: DsrPlan | None) -> tuple[list[str], list[str], list[str]]:
-    """(prerouting rules, the dsr chain, forward rules) for direct server return."""
+    """(prerouting rules, the dsr chain, forward rules) for packets of ingress-mode ports that
+    arrive on the underlay device addressed to this node or handed over by another one (not those
+    a node sends: they take the routing mesh)."""
     if plan is None or not plan.ports:
         return [], [], []
     arrivals = ", ".join(plan.arrivals)
-    pre = [f'iifname "{plan.device}" ip daddr {{ {arrivals} }} jump dsr']
-    chain = [_dnat_to(f"meta l4proto {p.protocol} th dport {p.port}", p.local, p.target,
-                      "jhash ip saddr" if p.affinity else "numgen random") if p.local else
-             _dnat_to(f"meta l4proto {p.protocol} th dport {p.port}", (INGRESS_LOCAL,), p.port)
-             for p in plan.ports]
+    pre = [f'iifname "{plan.device}" ip daddr {{ {arrivals} }} ip saddr != {{ {arrivals} }} '
+           "jump dsr"]
+    chain = []
+    for p in plan.ports:
+        match = f"meta l4proto {p.protocol} th dport {p.port}"
+        if p.dsr and p.local:
+            seed = seed_of(f"{p.protocol}/{p.port}") if p.affinity else None
+            chain.append(_dnat_to(match, p.local, p.target, seed))
+        else:                            # the routing mesh: no local task, or not a DSR port
+            chain.append(_dnat_to(match, (INGRESS_LOCAL,), p.port))
     ports = ", ".join(f"{p.protocol} . {p.port}" for p in plan.ports)
     fwd = [f'iifname "{plan.device}" ip daddr {{ {", ".join(plan.peers)} }} meta l4proto . th dport '
            f"{{ {ports} }} reject"] if plan.peers else []
     return pre, chain, fwd
-
-
 def _chain(name: str, hook: str | None, rules: list[str]) -> list[str]:
     lines = [f"  chain {name} {{"]
     if hook:

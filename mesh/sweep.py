@@ -24,26 +24,29 @@ OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvla
 
 
 def owned_namespaces(existing: list[str], host_netns: str | None, lab_nodes: list[str],
-                     other_hosts: frozenset[str] = frozenset()) -> list[str]:
+                     other_hosts: frozenset[str] = frozenset(),
+                     host_like: frozenset[str] | None = None) -> list[str]:
     """The namespaces of `existing` that a daemon of `host_netns` made (pure). Names alone are
     ambiguous: the root's prefix `mesh-` (or `mesh-x-` of host `mesh-x`) also starts every name of
     another host namespace (`mesh-x-y`, `mesh-lab1-…` of host `lab1`) and of its sandboxes. Those
-    are left: a name belongs to the namespace with the longest sandbox prefix it starts with (this
-    host, one of its lab nodes, or another), and a namespace with sandboxes or a run directory of
-    its own (`other_hosts`) is another host namespace.
-    `existing`: every namespace of the machine."""
+    are left: a name belongs to the host namespace with the longest sandbox prefix it starts with
+    (this host, one of its lab nodes, or another), and a namespace with sandboxes or a run
+    directory of its own (`other_hosts`) is another host namespace. `existing`: every namespace of
+    the machine; `host_like`: those holding links a host has (mesh bridges...), to tell a host
+    from a sandbox whose name starts another's (containers `db` and `db-backup`; None: all)."""
     prefix = names.sandbox_prefix(host_netns)
     under = names.sandbox_prefix                       # the names of the sandboxes of a namespace
+    hosts = set(existing if host_like is None else host_like) | set(lab_nodes) | {host_netns}
     out = []
     for n in [n for n in existing if n.startswith(prefix) and n != host_netns]:
-        # whose sandbox the name says it is: the namespace with the longest such prefix
-        owner = max((h for h in existing if h != n and n.startswith(under(h))),
+        # whose sandbox the name says it is: the host namespace with the longest such prefix
+        owner = max((h for h in existing if h != n and h in hosts and n.startswith(under(h))),
                     key=lambda h: len(under(h)), default=host_netns)
         if n in lab_nodes or owner in lab_nodes:
             out.append(n)
         elif owner != host_netns:
             continue                          # a sandbox of another host namespace
-        elif n in other_hosts or any(m.startswith(under(n)) for m in existing):
+        elif n in other_hosts or n in hosts and any(m.startswith(under(n)) for m in existing):
             continue                          # another host namespace (a run dir, sandboxes)
         else:
             out.append(n)
@@ -60,7 +63,11 @@ def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     base = os.path.dirname(paths.root)
     others = frozenset(d for d in os.listdir(base) if d != names.scope_of(host_netns)) \
         if os.path.isdir(base) else frozenset()
-    for ns in owned_namespaces(nl.list_netns(""), host_netns, lab, others):
+    existing = nl.list_netns("")
+    parents = [n for n in existing if any(m.startswith(names.sandbox_prefix(n)) for m in existing)]
+    host_like = frozenset(n for n in parents
+                          if any(l.startswith(OUR_LINKS) for l in nl.list_links(n, "")))
+    for ns in owned_namespaces(existing, host_netns, lab, others, host_like):
         if ns != host_netns:
             nl.delete_netns(ns)
             shutil.rmtree(os.path.join(ETC_NETNS, ns), ignore_errors=True)

@@ -145,12 +145,14 @@ def test_mesh_down_after_the_lab_daemon_was_killed_removes_everything(cluster):
 
 def test_mesh_down_with_no_daemon_leaves_the_namespaces_of_another_host_namespace(lab):
     """The sweep of host H removes H's sandboxes, not a host named H-b (whose name and whose
-    sandboxes' names start with H's prefix) nor its sandboxes."""
+    sandboxes' names start with H's prefix) nor its sandboxes (a host namespace holds mesh links,
+    a sandbox does not)."""
     ours, other = f"{lab.host}-web.1", f"{lab.host}-b"
     theirs = [other, f"{other}-web.1"]
     try:
         for ns in [ours, *theirs]:                   # lab.host is the Lab's
             sh(["ip", "netns", "add", ns])
+        sh(["ip", "link", "add", "mhb0sweeptest", "type", "bridge"], other)   # a host has bridges
         out = lab.mesh("down").stdout                 # no daemon answers: mesh down sweeps
         left = [line.split()[0] for line in sh(["ip", "netns", "list"]).stdout.splitlines()]
         assert ours not in left and f"namespace {ours}" in out, (out, left)

@@ -64,6 +64,15 @@ def test_every_node_answers_the_task_sees_the_client_and_the_addressed_node_keep
     assert curl(f"http://{addr['n2']}:8080/", node_ns["n1"]).strip().endswith(f"client={addr['n1']}")
     assert lab.exec("web.1", "curl", "-sS", "--max-time", "3",
                     f"http://{addr['n3']}:8080/").stdout.startswith("host=")
+    # a packet for n2 that reaches n3 (a node whose view lags hands it over there; here the
+    # client's route does it) is served through n3's routing mesh, never routed back onto the link
+    sh(["ip", "route", "add", f"{addr['n2']}/32", "via", addr["n3"]], lab.host)
+    try:
+        got = spread(f"http://{addr['n2']}:8080/", lab.host, web)
+        assert all(a.endswith(f"client={HOST_ADDRESS}") for a in got), got
+        assert flows(f"{node_ns['n3']}-ingress", 8080), "not through n3's ingress namespace"
+    finally:
+        sh(["ip", "route", "del", f"{addr['n2']}/32"], lab.host)
     # taken down, nothing of it is left on a node
     up(lab, DSR.replace("x-mesh: {ingress: dsr}", "x-mesh: {ingress: nat}"))
     for node in ("n1", "n2", "n3"):

@@ -7,7 +7,7 @@ import pytest
 
 from mesh.allocator import ClusterPlacement, build_desired
 from mesh.hostrules import render_host_table
-from mesh.lb.dsr import DsrError, build_dsr, mark, render_dsr
+from mesh.lb.dsr import NO_DSR, DsrError, build_dsr, mark, render_dsr
 from mesh.readiness import Readiness
 from mesh.spec import SpecError, load_stack
 from mesh.state import INGRESS_LOCAL, DesiredState
@@ -41,7 +41,8 @@ def test_new_flows_go_to_nodes_by_their_ready_tasks_and_the_node_dnats_to_its_ow
     web = ports(plan)[("tcp", 8080)]
     assert sorted(web.buckets) == ["10.97.0.1", "10.97.0.1", "10.97.0.3"]    # one bucket per task
     assert web.nodes == ("10.97.0.1", "10.97.0.3") and web.local == () and web.target == 80
-    assert ("tcp", 9000) not in ports(plan)                                # it did not ask
+    plain = ports(plan)[("tcp", 9000)]                                     # it did not ask: the
+    assert not plain.dsr and not plain.handed_over and not plain.nodes     # routing mesh's
     on_n1 = ports(build_dsr(d, "n1", Readiness(set(ALL), set(ALL)), "eth0", 24))[("tcp", 8080)]
     default = {t: e.address for t in ("web.1", "web.2") for e in d.tasks[t].endpoints
                if e.network == "default"}
@@ -57,7 +58,7 @@ def test_a_draining_or_unready_task_takes_no_new_flow_but_its_node_keeps_its_flo
     assert web.nodes == ("10.97.0.1", "10.97.0.3")
     assert len(web.local) == 1
     gone = Readiness(ready=ALL - {"web.1", "web.2", "web.3"}, alive=ALL - {"web.1", "web.2", "web.3"})
-    assert ("tcp", 8080) not in ports(build_dsr(d, "n1", gone, "eth0", 24))
+    assert not ports(build_dsr(d, "n1", gone, "eth0", 24))[("tcp", 8080)].handed_over
 
 
 def test_nodes_off_the_link_are_a_clear_error_and_no_service_asking_means_no_plan():
@@ -67,7 +68,12 @@ def test_nodes_off_the_link_are_a_clear_error_and_no_service_asking_means_no_pla
         build_dsr(desired(off), "n1", Readiness(set(ALL), set(ALL)), "eth0", 24)
     plain = {"services": {k: {kk: vv for kk, vv in v.items() if kk != "x-mesh"}
                           for k, v in STACK["services"].items()}}
-    assert build_dsr(desired(stack=plain), "n1", Readiness(set(ALL), set(ALL)), "eth0", 24) is None
+    nat = build_dsr(desired(stack=plain), "n1", Readiness(set(ALL), set(ALL)), "eth0", 24)
+    assert nat.ports and not nat.handed_over                 # the guard of every ingress port
+    assert render_dsr(nat, NO_DSR) == ""                     # and no netdev table
+    assert build_dsr(desired(off, stack=plain), "n1", Readiness(set(ALL), set(ALL)), "eth0", 24)
+    single = replace(desired(stack=plain), underlay={}, ingress={})
+    assert build_dsr(single, "n1", Readiness(set(ALL), set(ALL)), "eth0", 24) is None
 
 
 def test_the_netdev_table_keeps_its_flows_map_across_changes():
@@ -90,7 +96,8 @@ def test_the_netdev_table_keeps_its_flows_map_across_changes():
     assert "delete chain netdev mesh_dsr to_10_97_0_3\n" in change
     assert "delete chain netdev mesh_dsr p_udp_5353\n" in change
     assert render_dsr(None, fewer) == "table netdev mesh_dsr\ndelete table netdev mesh_dsr\n"
-    assert render_dsr(None, None) == ""
+    assert render_dsr(None, None) == render_dsr(None, fewer)     # unknown (a restarted agent)
+    assert render_dsr(None, NO_DSR) == ""
     assert render_dsr(replace(fewer, device="eth1"), fewer).startswith("table netdev mesh_dsr\ndelete")
 
 
@@ -99,14 +106,25 @@ def test_the_host_table_dnats_arrivals_to_local_tasks_else_to_the_ingress_namesp
     rd = Readiness(set(ALL), set(ALL))
     on_n1 = build_dsr(d, "n1", rd, "eth0", 24)
     text = render_host_table(d, on_n1)
-    assert 'iifname "eth0" ip daddr { 10.97.0.1, 10.97.0.2, 10.97.0.3 } jump dsr' in text
+    assert ('iifname "eth0" ip daddr { 10.97.0.1, 10.97.0.2, 10.97.0.3 } '
+            'ip saddr != { 10.97.0.1, 10.97.0.2, 10.97.0.3 } jump dsr') in text
     local = sorted(ports(on_n1)[("tcp", 8080)].local)
     assert (f"meta l4proto tcp th dport 8080 dnat ip addr . port to numgen random mod 2 map "
             f"{{ 0 : {local[0]} . 80, 1 : {local[1]} . 80 }}") in text
     # dns.1 runs on n3: a flow n1 still gets for it goes into the ordinary routing mesh
     assert f"meta l4proto udp th dport 5353 dnat to {INGRESS_LOCAL}:5353" in text
+    assert f"meta l4proto tcp th dport 9000 dnat to {INGRESS_LOCAL}:9000" in text   # not DSR
     assert ('iifname "eth0" ip daddr { 10.97.0.2, 10.97.0.3 } meta l4proto . th dport '
-            '{ tcp . 8080, udp . 5353 } reject') in text
+            '{ tcp . 8080, udp . 5353, tcp . 9000 } reject') in text
+    on_n3 = render_host_table(d, build_dsr(d, "n3", rd, "eth0", 24))    # dns.1 and web.3 run here
+    assert "meta l4proto udp th dport 5353 dnat to" in on_n3 and " seed 0x" not in on_n3.split(
+        "udp th dport 5353")[1].split("\n")[0]                          # one task: no choice
+    two = replace(d, tasks={**d.tasks, "dns.2": replace(d.tasks["dns.1"], name="dns.2")})
+    affine = render_host_table(two, build_dsr(two, "n3", Readiness(ALL | {"dns.2"}, ALL | {"dns.2"}),
+                                                  "eth0", 24))
+    again = render_host_table(two, build_dsr(two, "n3", Readiness(ALL | {"dns.2"}, ALL | {"dns.2"}),
+                                                 "eth0", 24))
+    assert "jhash ip saddr mod 2 seed 0x" in affine and affine == again   # a fixed seed
     assert "jump dsr" not in render_host_table(d, None)
 
 

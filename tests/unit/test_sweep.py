@@ -20,3 +20,9 @@ def test_a_host_sweeps_its_sandboxes_not_those_of_a_host_named_after_it():
     assert owned_namespaces(MACHINE, "mesh-x", []) == ["mesh-x-web.1"]
     assert owned_namespaces(MACHINE, "mesh-x-y", []) == ["mesh-x-y-web.1"]
     assert owned_namespaces(MACHINE, "lab1", []) == ["mesh-lab1-web.1"]
+
+
+def test_a_sandbox_whose_name_starts_another_sandboxs_is_not_taken_for_a_host():
+    machine = ["mesh-db", "mesh-db-backup", "mesh-x", "mesh-x-web.1"]
+    got = owned_namespaces(machine, None, [], host_like=frozenset({"mesh-x"}))
+    assert sorted(got) == ["mesh-db", "mesh-db-backup"]
