@@ -221,6 +221,9 @@ class Agent:
                 self.sup.runs[name].task = task
 
     def _apply_kernel(self, desired: DesiredState, old: DesiredState) -> None:
+        if self.host and not desired.networks and not self.nl.netns_exists(self.host):
+            self._host_gone(old)
+            return
         if desired.networks and self.host:
             self.created_host |= self.nl.ensure_netns(self.host)
         if desired.networks and not old.networks:
@@ -245,6 +248,18 @@ class Agent:
                 self._remove_network(net)
         self._sync_overlay(desired)
         self._sync_host_table(desired, self.readiness())
+
+    def _host_gone(self, old: DesiredState) -> None:
+        """Everything goes and the host namespace was removed under us (its links and tables went
+        with it): only the sandboxes and the ingress namespace are left to remove."""
+        log.warning("host namespace %s is gone: removing the namespaces left", self.host)
+        ing = old.ingress.get(self.node)
+        for netns in [t.sandbox for t in old.on_node(self.node).values()
+                      if t.owns_sandbox and t.sandbox] + ([ing.sandbox] if ing else []):
+            self._forget_balancer(netns)
+            if self.nl.netns_exists(netns):
+                self.nl.delete_netns(netns)
+        self.host_text, self.dsr, self.overlay = None, None, OverlayPlan()
 
     def _local(self, desired: DesiredState, readiness: rd.Readiness) -> DesiredState:
         """The host table's view: published ports lead to tasks that take connections on them; in

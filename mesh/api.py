@@ -122,9 +122,11 @@ def build_app(ctl, stop: asyncio.Event, finish=None, about: dict | None = None) 
     @routes.post("/v1/down")
     async def down(_):
         await ctl.down()
-        if finish is not None:
-            await finish()
-        stop.set()
+        try:
+            if finish is not None:
+                await finish()
+        finally:                         # the daemon stops even when removing what is left failed
+            stop.set()
         return web.json_response({"down": True})
 
     app = web.Application(middlewares=[errors])

@@ -138,6 +138,7 @@ class LocalCluster:
     def remove(self) -> None:
         remove_lab(self.host, self.nodes, self.nl)
         if self.made_host:               # the lab made the host namespace: it goes with the lab
-            self.nl.delete_netns(self.host)
+            if self.nl.netns_exists(self.host):
+                self.nl.delete_netns(self.host)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.made_marker)

@@ -55,4 +55,5 @@ def remove_lab(host_netns: str | None, nodes: list[LabNode], nl: Netlink | None 
     nl = nl or Netlink()
     for node in nodes:
         nl.delete_netns(node.netns)
-    nl.delete_link(host_netns, BRIDGE)
+    if not host_netns or nl.netns_exists(host_netns):    # else the bridge went with it
+        nl.delete_link(host_netns, BRIDGE)

@@ -188,6 +188,34 @@ def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(l
         sh(["ip", "netns", "del", host], check=False)
 
 
+def test_mesh_down_stops_a_daemon_whose_host_namespace_was_removed_under_it(lab):
+    """Someone deletes the host namespace while the daemon runs: mesh down still removes what is
+    left (sandboxes, lab nodes, ingress namespaces) and stops the daemon; it used to fail with
+    "network namespace ... does not exist" and leave the daemon running."""
+    host = lab.host + "y"
+    path = lab.tmp / "small.yaml"
+    path.write_text("services:\n  web:\n    command: sleep 300\n    ports: [\"8080:80\"]\n")
+    mesh = lambda *args, check=True: subprocess.run(
+        [*lab.mesh_argv()[:-2], "--host-netns", host, *args], env=lab.env, capture_output=True,
+        text=True, timeout=120, check=check)
+    pid_file = Path(lab.env["MESH_RUN_DIR"]) / host / "daemon.pid"
+    try:
+        for nodes in (["--nodes", "2"], []):
+            mesh("up", "-f", str(path), "--wait", "0", *nodes)
+            daemon = int(pid_file.read_text())
+            sh(["ip", "netns", "del", host])
+            down = mesh("down", check=False)
+            assert down.returncode == 0 and "daemon stopped" in down.stdout, (nodes, down.stderr)
+            assert wait_for(lambda: not os.path.exists(f"/proc/{daemon}") or open(
+                f"/proc/{daemon}/stat").read().split()[2] == "Z", 15), nodes
+            left = [l.split()[0] for l in sh(["ip", "netns", "list"]).stdout.splitlines()
+                    if l.startswith(host)]
+            assert left == [], (nodes, left)
+    finally:
+        mesh("down", check=False)
+        sh(["ip", "netns", "del", host], check=False)
+
+
 ATTACH = """
 services:
   web:
