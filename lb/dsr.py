@@ -42,8 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_interface
 
+from mesh.lb.plan import affinity
 from mesh.readiness import Readiness
-from mesh.state import DesiredState
+from mesh.state import DesiredState, publish_address
 
 TABLE = "mesh_dsr"
 FLOW_TIMEOUT = "1h"
@@ -59,6 +60,11 @@ class DsrError(ValueError):
 def wants_dsr(desired: DesiredState, service: str) -> bool:
     svc = desired.services.get(service)
     return bool(svc) and svc.extensions.get("ingress") == "dsr"
+
+
+def dsr_wanted(desired: DesiredState) -> bool:
+    """Some service asks for DSR on a port it publishes in ingress mode."""
+    return any(p.mode == "ingress" and wants_dsr(desired, p.service) for p in desired.publications)
 
 
 @dataclass(frozen=True)
@@ -102,16 +108,6 @@ def mark(address: str) -> int:
     return int(IPv4Address(address))
 
 
-def _local_address(desired: DesiredState, task) -> str | None:
-    """The task's address on a network its default route takes (bridged, not internal, not the
-    ingress network): the node DNATs to it and the reply leaves the task the ordinary way."""
-    for e in task.endpoints:
-        net = desired.networks[e.network]
-        if net.bridged and not net.internal and not net.ingress:
-            return e.address
-    return None
-
-
 def needs_plan(desired: DesiredState, node: str) -> bool:
     """A cluster node with ports in ingress mode (its plan guards them, DSR or not)."""
     return node in desired.underlay and bool(desired.ingress) and any(
@@ -127,8 +123,8 @@ def build_dsr(desired: DesiredState, node: str, rd: Readiness, device: str,
     own = desired.underlay[node]
     pubs = [p for p in desired.publications if p.mode == "ingress"]
     link = ip_interface(f"{own}/{prefixlen}").network
-    for name, address in sorted(desired.underlay.items()):
-        if IPv4Address(address) not in link and any(wants_dsr(desired, p.service) for p in pubs):
+    for name, address in sorted(desired.underlay.items()) if dsr_wanted(desired) else ():
+        if IPv4Address(address) not in link:
             raise DsrError(f"x-mesh ingress: dsr needs every node on one link: node {name}'s "
                            f"address {address} is outside {link}, the subnet of {device} on {node}")
     ports = []
@@ -145,12 +141,12 @@ def build_dsr(desired: DesiredState, node: str, rd: Readiness, device: str,
             nodes.add(where)
             if rd.takes(t.name, p.target) and t.name not in desired.draining:
                 buckets.append(where)
-                address = _local_address(desired, t)
+                address = publish_address(t, desired.networks)
                 if t.node == node and address:
                     local.append(address)
-        affinity = desired.services[p.service].extensions.get("affinity") == "client-ip"
         ports.append(DsrPort(p.protocol, p.published, p.target, tuple(buckets),
-                             tuple(sorted(nodes, key=mark)), tuple(local), affinity))
+                             tuple(sorted(nodes, key=mark)), tuple(local),
+                             affinity(desired, p.service)))
     peers = tuple(sorted((a for n, a in desired.underlay.items() if n != node), key=mark))
     return DsrPlan(device, own, peers, tuple(ports))
 

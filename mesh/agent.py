@@ -21,7 +21,7 @@ from mesh.coalesce import Coalescing
 from mesh.etcfiles import render_hosts, render_resolv_conf
 from mesh.hostrules import render_delete_table, render_host_table
 from mesh.lb.conntrack import flush_udp_to, removed_udp_backends
-from mesh.lb.dsr import NO_DSR, DsrError, DsrPlan, build_dsr, needs_plan, render_dsr, wants_dsr
+from mesh.lb.dsr import NO_DSR, DsrError, DsrPlan, build_dsr, dsr_wanted, needs_plan, render_dsr
 from mesh.lb.dsr import render_delete as render_dsr_delete
 from mesh.lb.nftables import NftLb
 from mesh.lb.plan import build_balancers, render_return_table, return_routes
@@ -201,8 +201,7 @@ class Agent:
         address = desired.underlay[self.node]
         where = self.nl.interface_of(self.host, address)     # looked up anew: devices change
         if where is None:
-            if any(p.mode == "ingress" and wants_dsr(desired, p.service)
-                   for p in desired.publications):
+            if dsr_wanted(desired):
                 raise DsrError(f"x-mesh ingress: dsr: node {self.node}'s address {address} is on "
                                "none of its interfaces")
             return None

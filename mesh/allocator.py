@@ -19,7 +19,7 @@ from mesh.links import build_link_env, build_link_hosts
 from mesh.model import DEFAULT_BRIDGE, Network, Service, Stack
 from mesh.overlay import VXLAN_OVERHEAD
 from mesh.state import (INGRESS_NETWORK, DesiredState, EndpointState, IngressState, NetworkState,
-                        Publication, TaskState)
+                        Publication, TaskState, publish_address)
 
 PORT_RANGE = range(30000, 32768)
 VNI_BASE = 4096
@@ -365,12 +365,9 @@ def _publications(stack: Stack, tasks, networks, previous: DesiredState, names_)
 
 
 def _publish_address(task: TaskState, networks, svc: Service, ingress: bool = False) -> str:
-    for e in task.endpoints:
-        net = networks[e.network]
-        if ingress and net.ingress:
-            return e.address
-        if not ingress and net.bridged and not net.internal and not net.ingress:
-            return e.address
+    address = publish_address(task, networks, ingress)
+    if address is not None:
+        return address
     raise AllocationError(f"services.{svc.name}.ports: publishing a port needs the service on a "
                           f"bridge network that is not internal")
 

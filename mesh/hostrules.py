@@ -83,6 +83,8 @@ def _dsr(plan: DsrPlan | None) -> tuple[list[str], list[str], list[str]]:
     fwd = [f'iifname "{plan.device}" ip daddr {{ {", ".join(plan.peers)} }} meta l4proto . th dport '
            f"{{ {ports} }} reject"] if plan.peers else []
     return pre, chain, fwd
+
+
 def _chain(name: str, hook: str | None, rules: list[str]) -> list[str]:
     lines = [f"  chain {name} {{"]
     if hook:

@@ -124,3 +124,16 @@ class DesiredState:
 
     def endpoints_on(self, network: str) -> list[tuple[TaskState, EndpointState]]:
         return [(t, e) for t in self.tasks.values() for e in t.endpoints if e.network == network]
+
+
+def publish_address(task: TaskState, networks: dict[str, NetworkState],
+                    ingress: bool = False) -> str | None:
+    """The address a published port of `task` leads to: on the ingress network (`ingress`), else
+    on a bridged network that is neither internal nor the ingress one (its default route's)."""
+    for e in task.endpoints:
+        net = networks[e.network]
+        if ingress and net.ingress:
+            return e.address
+        if not ingress and net.bridged and not net.internal and not net.ingress:
+            return e.address
+    return None

@@ -1,6 +1,7 @@
 """JSON views of tasks and networks for the API and `--json` listings (pure)."""
 from __future__ import annotations
 
+from mesh.lb.dsr import wants_dsr
 from mesh.state import DesiredState, NetworkState, TaskState
 
 PSEUDO_NETWORKS = ({"name": "host", "driver": "host", "subnet": None, "gateway": None,
@@ -70,7 +71,7 @@ def service_list(desired: DesiredState, status) -> list[dict]:
             "vips": {n: a for s, n, a in desired.vips if s == name},
             "published": [{"published": p.published, "target": p.target, "protocol": p.protocol,
                            "mode": p.mode,
-                           "dsr": p.mode == "ingress" and svc.extensions.get("ingress") == "dsr"}
+                           "dsr": p.mode == "ingress" and wants_dsr(desired, name)}
                           for p in desired.publications if p.service == name],
             "tasks": [{"name": t.name, "node": t.node or None, "state": states[t.name],
                        "health": statuses[t.name].get("health", "none"),
