@@ -122,8 +122,7 @@ def test_scale_up_and_down(cluster):
 def test_down_removes_the_lab(cluster):
     lab = cluster
     lab.mesh("down")
-    left = [l for l in sh(["ip", "netns", "list"]).stdout.splitlines() if l.startswith(lab.host + "-")]
-    assert left == []
+    assert namespaces(lab.host + "-") == []
     links = sh(["ip", "-o", "link", "show"], lab.host).stdout
     assert "mhlab" not in links and "mhl1" not in links
 
@@ -139,8 +138,7 @@ def test_mesh_down_after_the_lab_daemon_was_killed_removes_everything(cluster):
     lab.mesh("down")                                  # no daemon answers: mesh down sweeps
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 10), \
         [p for p in pids if os.path.exists(f"/proc/{p}")]
-    left = [l for l in sh(["ip", "netns", "list"]).stdout.splitlines() if l.startswith(lab.host + "-")]
-    assert left == []
+    assert namespaces(lab.host + "-") == []
 
 
 def test_mesh_down_with_no_daemon_leaves_the_namespaces_of_another_host_namespace(lab):
@@ -154,7 +152,7 @@ def test_mesh_down_with_no_daemon_leaves_the_namespaces_of_another_host_namespac
             sh(["ip", "netns", "add", ns])
         sh(["ip", "link", "add", "mhb0sweeptest", "type", "bridge"], other)   # a host has bridges
         out = lab.mesh("down").stdout                 # no daemon answers: mesh down sweeps
-        left = [line.split()[0] for line in sh(["ip", "netns", "list"]).stdout.splitlines()]
+        left = namespaces("")
         assert ours not in left and f"namespace {ours}" in out, (out, left)
         assert all(t in left for t in theirs), (out, left)
     finally:
@@ -162,14 +160,25 @@ def test_mesh_down_with_no_daemon_leaves_the_namespaces_of_another_host_namespac
             sh(["ip", "netns", "del", ns], check=False)
 
 
-def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(lab):
-    host = lab.host + "x"                            # not made by the test: the lab makes it
-    path = lab.tmp / "small.yaml"
-    path.write_text("services:\n  web:\n    command: sleep 300\n")
+def another_host(lab, suffix: str):
+    """(host, mesh, pid file): a host namespace the lab makes (not the Lab's), the `mesh` CLI for
+    it, and the pid file of its daemon."""
+    host = lab.host + suffix
     mesh = lambda *args, check=True: subprocess.run(
         [*lab.mesh_argv()[:-2], "--host-netns", host, *args], env=lab.env, capture_output=True,
         text=True, timeout=120, check=check)
-    pid_file = Path(lab.env["MESH_RUN_DIR"]) / host / "daemon.pid"
+    return host, mesh, Path(lab.env["MESH_RUN_DIR"]) / host / "daemon.pid"
+
+
+def namespaces(prefix: str) -> list[str]:
+    return [line.split()[0] for line in sh(["ip", "netns", "list"]).stdout.splitlines()
+            if line.startswith(prefix)]
+
+
+def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(lab):
+    host, mesh, pid_file = another_host(lab, "x")   # not made by the test: the lab makes it
+    path = lab.tmp / "small.yaml"
+    path.write_text("services:\n  web:\n    command: sleep 300\n")
     try:
         for finish in ("up again, then down", "down with no daemon (sweep)"):
             mesh("up", "-f", str(path), "--nodes", "2")
@@ -180,9 +189,7 @@ def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(l
             else:
                 wait_for(lambda: mesh("ps", check=False).returncode != 0, what="the daemon gone")
             mesh("down")
-            left = [l.split()[0] for l in sh(["ip", "netns", "list"]).stdout.splitlines()
-                    if l.startswith(host)]
-            assert left == [], (finish, left)
+            assert namespaces(host) == [], finish
     finally:
         mesh("down", check=False)
         sh(["ip", "netns", "del", host], check=False)
@@ -192,13 +199,9 @@ def test_mesh_down_stops_a_daemon_whose_host_namespace_was_removed_under_it(lab)
     """Someone deletes the host namespace while the daemon runs: mesh down still removes what is
     left (sandboxes, lab nodes, ingress namespaces) and stops the daemon; it used to fail with
     "network namespace ... does not exist" and leave the daemon running."""
-    host = lab.host + "y"
+    host, mesh, pid_file = another_host(lab, "y")
     path = lab.tmp / "small.yaml"
     path.write_text("services:\n  web:\n    command: sleep 300\n    ports: [\"8080:80\"]\n")
-    mesh = lambda *args, check=True: subprocess.run(
-        [*lab.mesh_argv()[:-2], "--host-netns", host, *args], env=lab.env, capture_output=True,
-        text=True, timeout=120, check=check)
-    pid_file = Path(lab.env["MESH_RUN_DIR"]) / host / "daemon.pid"
     try:
         for nodes in (["--nodes", "2"], []):
             mesh("up", "-f", str(path), "--wait", "0", *nodes)
@@ -208,9 +211,7 @@ def test_mesh_down_stops_a_daemon_whose_host_namespace_was_removed_under_it(lab)
             assert down.returncode == 0 and "daemon stopped" in down.stdout, (nodes, down.stderr)
             assert wait_for(lambda: not os.path.exists(f"/proc/{daemon}") or open(
                 f"/proc/{daemon}/stat").read().split()[2] == "Z", 15), nodes
-            left = [l.split()[0] for l in sh(["ip", "netns", "list"]).stdout.splitlines()
-                    if l.startswith(host)]
-            assert left == [], (nodes, left)
+            assert namespaces(host) == [], nodes
     finally:
         mesh("down", check=False)
         sh(["ip", "netns", "del", host], check=False)
