@@ -18,25 +18,30 @@
 (a)+(b) traffic, on a 3-node lab (`mesh up --nodes 3 --host-netns mesh-benchlb`):
   * a `web` service of 2 replicas, both on n1 (placement constraint), publishing 8080 -> 80 in
     ingress mode; the backend is haproxy answering every request itself (bench/lb/backend.cfg,
-    one thread, keep-alive): the same two backend processes serve all three paths;
+    one thread, keep-alive): the same two backend processes serve ingress, direct, spread and
+    haproxy;
   * a client namespace (mesh-lbclient) on the lab's underlay bridge, 10.97.0.200, with a route to
     the tasks' subnet via n1 (task addresses are not routed from the host namespace);
   * `webdsr`, the same with 8081 and x-mesh: {ingress: dsr} (direct server return, mesh.lb.dsr);
-  * wrk -t2 -c50 keep-alive from that namespace, four paths:
+  * wrk -t2 -c50 keep-alive from that namespace, five paths:
       ingress  http://<n2's address>:8080/  (n2 runs no replica: the routing mesh carries it to n1)
       dsr      http://<n2's address>:8081/  (n2 hands the requests to n1 in its device's ingress
                hook; n1 DNATs them to its tasks and replies straight to the client)
       direct   the task addresses themselves, one wrk thread per task (wrk.lua sets thread.addr)
+      spread   direct too, but each connection to a task picked by a hash of its 5-tuple, as a
+               balancer picks (the tasks also hold SPREAD_ADDRESS, n1 routes it over them with a
+               multipath route): the like-for-like anchor for a balancer, since direct keeps each
+               wrk thread on one task, which no balancer does and which is worth ~10% here
       haproxy  haproxy in TCP mode in the client namespace (127.0.0.1:8090), roundrobin over the
                same task addresses, nbthread = number of CPUs (the userland-proxy anchor)
     peak: no rate limit, each --seconds long, --rounds rounds in alternating order; the better run
     of each path counts (plus ingress@n1: the published port on the replicas' own node, a
     diagnostic without the overlay hop between nodes);
-    same load: then all three again at one offered load (--latency-share of the slowest peak, each
+    same load: then all five again at one offered load (--latency-share of the slowest peak, each
     connection waiting 4 ms between a response and its next request), where p99 is comparable;
     CPU use (whole machine, softirq, wrk, backends, haproxy) is recorded per run, and the CPUs
     other work kept busy just before.
-Targets (issue 5, item 7), for ingress and for dsr: >= 0.9x direct RPS, >= 2x haproxy RPS, one-service
+Targets (issue 5, item 7), for ingress and for dsr: >= 0.9x direct RPS (against spread and direct), >= 2x haproxy RPS, one-service
 change p99 <= 50 ms at 10k services. Printed as met / not met; nothing is asserted.
 
 Everything runs inside namespaces this script makes (mesh-benchlb and the lab's, mesh-lbclient,
@@ -82,6 +87,7 @@ UNDERLAY_BRIDGE = "mhlab"
 PUBLISHED = 8080
 PUBLISHED_DSR = 8081        # the same backends behind direct server return (x-mesh: {ingress: dsr})
 ANCHOR_PORT = 8090
+SPREAD_ADDRESS = "198.18.0.80"   # RFC 2544's benchmarking range; held by the web tasks only
 BACKENDS_PER_SERVICE = 10
 LATENCY_DELAY_MS = 4
 TARGET_RPS_VS_DIRECT = 0.9
@@ -458,6 +464,7 @@ def start_lab(res: Resources, tmp: Path, replicas: int) -> dict:
         addrs.append(net["address"])
         subnets.add(str(ipaddress.ip_network(f"{net['address']}/{net['prefixlen']}", strict=False)))
     return {"tasks": tasks, "task_addresses": addrs, "subnets": sorted(subnets),
+            "sandboxes": [t["sandbox"] for t in tasks],
             "replica_node": nodes[tasks[0]["node"]], "idle_node": idle[0],
             "backend_pids": [t["pid"] for t in every]}
 
@@ -472,6 +479,21 @@ def attach_client(res: Resources, lab: dict) -> None:
     run(["ip", "link", "set", "eth0", "up"], ns)
     for subnet in lab["subnets"]:
         run(["ip", "route", "add", subnet, "via", lab["replica_node"]["address"]], ns)
+
+
+def attach_spread(lab: dict) -> None:
+    """The direct anchor with the mesh's spread: every web task also holds SPREAD_ADDRESS (on lo)
+    and n1 routes it over all of them with one multipath route hashed on the 5-tuple
+    (fib_multipath_hash_policy=1), so each new connection goes straight to one task, picked per
+    connection as a balancer picks, with no NAT and no balancer on the way."""
+    for sandbox in lab["sandboxes"]:
+        run(["ip", "addr", "add", f"{SPREAD_ADDRESS}/32", "dev", "lo"], sandbox)
+    node_ns = f"{HOST_NS}-{lab['replica_node']['name']}"
+    run(["sysctl", "-q", "-w", "net.ipv4.fib_multipath_hash_policy=1"], node_ns)
+    hops = [w for a in lab["task_addresses"] for w in ("nexthop", "via", a)]
+    run(["ip", "route", "replace", f"{SPREAD_ADDRESS}/32", *hops], node_ns)
+    run(["ip", "route", "add", f"{SPREAD_ADDRESS}/32", "via", lab["replica_node"]["address"]],
+        CLIENT_NS)
 
 
 def start_anchor(res: Resources, tmp: Path, lab: dict) -> subprocess.Popen:
@@ -571,6 +593,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
             raise RuntimeError(f"{tool} is not installed (make bench-lb installs it)")
     lab = start_lab(res, tmp, args.replicas)
     attach_client(res, lab)
+    attach_spread(lab)
     anchor = start_anchor(res, tmp, lab)
     idle = lab["idle_node"]
     paths = {
@@ -578,6 +601,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
         "dsr": (f"http://{idle['address']}:{PUBLISHED_DSR}/", None),
         "direct": (f"http://{lab['task_addresses'][0]}:80/",
                    [f"{a}:80" for a in lab["task_addresses"]]),
+        "spread": (f"http://{SPREAD_ADDRESS}:80/", None),
         "haproxy": (f"http://127.0.0.1:{ANCHOR_PORT}/", None),
     }
     if not args.no_local:       # diagnostic: the routing mesh on the node that runs the replicas
@@ -589,6 +613,8 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
           f"{idle['name']} hands requests to n1 in its device's ingress hook, replies go straight "
           "to the client)")
     print(f"  direct:  {', '.join(paths['direct'][1])}  (one wrk thread per task)")
+    print(f"  spread:  {paths['spread'][0]}  (direct too, but each connection to a task picked by "
+          f"a 5-tuple hash: every task holds {SPREAD_ADDRESS}, n1 routes it over them by multipath)")
     print(f"  haproxy: {paths['haproxy'][0]}  (TCP mode, roundrobin over the same task addresses, "
           f"in {CLIENT_NS})")
     if "ingress@n1" in paths:
@@ -601,12 +627,18 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
     seen = spread(CLIENT_NS, paths["ingress"][0])
     print(f"  20 new connections through {idle['name']}:{PUBLISHED} reached: "
           + ", ".join(f"{k} x{v}" for k, v in sorted(seen.items())))
+    seen_spread = spread(CLIENT_NS, paths["spread"][0])
+    print(f"  20 new connections to {SPREAD_ADDRESS} reached: "
+          + ", ".join(f"{k} x{v}" for k, v in sorted(seen_spread.items())))
+    if len(seen_spread) < len(lab["task_addresses"]):
+        raise RuntimeError(f"the spread anchor reached {len(seen_spread)} of "
+                           f"{len(lab['task_addresses'])} tasks: {seen_spread}")
     bg = background_cpus()
     print(f"  other work on the machine before the runs: {bg:.2f} CPUs busy (of {os.cpu_count()})"
           + ("  <- figures below are skewed by it" if bg > 0.2 else ""))
     for name, (url, addrs) in paths.items():                        # warm-up, not counted
         wrk(res, tmp, url, 2, args.connections, addrs, lab, anchor.pid)
-    main_paths = ["ingress", "dsr", "direct", "haproxy"]
+    main_paths = ["ingress", "dsr", "direct", "spread", "haproxy"]
     runs: dict[str, list[dict]] = {k: [] for k in paths}
 
     def one(label: str, name: str, conns: int, delay_ms: int = 0) -> dict:
@@ -627,7 +659,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
             r["round"] = rnd + 1
             runs[name].append(r)
     best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items() if v}
-    # latency at one offered load for all three paths, well below the slowest path's peak
+    # latency at one offered load for every main path, well below the slowest path's peak
     fixed: dict[str, dict] = {}
     if args.latency_share > 0:
         rate = args.latency_share * min(best[k]["rps"] for k in main_paths)
@@ -638,7 +670,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
         for name in main_paths:
             fixed[name] = one("same load", name, conns, LATENCY_DELAY_MS)
     return {"paths": {k: {"url": u, "addresses": a} for k, (u, a) in paths.items()},
-            "spread": seen, "runs": runs, "best": best, "same_load": fixed, "background_cpus": bg,
+            "spread_ingress": seen, "spread_anchor": seen_spread, "runs": runs, "best": best, "same_load": fixed, "background_cpus": bg,
             "lab": {"idle_node": idle, "replica_node": lab["replica_node"],
                     "task_addresses": lab["task_addresses"]}}
 
@@ -690,7 +722,7 @@ def report(prog: dict | None, traf: dict | None) -> dict:
         summary["change_p99_target_met"] = ok
     if traf:
         b = traf["best"]
-        ing, direct, hap = b["ingress"], b["direct"], b["haproxy"]
+        direct, hap = b["direct"], b["haproxy"]
         print("\n  (a)+(b) wrk keep-alive; peak: better run of each path (CPU/req: busy CPU time of the "
               "whole machine per request)")
         print(f"  {'path':<12}{'req/s':>12}{'p50':>10}{'p99':>10}{'errors':>8}{'CPU/req':>10}")
@@ -705,45 +737,51 @@ def report(prog: dict | None, traf: dict | None) -> dict:
             for name, r in fixed.items():
                 print(f"  {name:<12}{r['rps']:>12,.0f}{r['p50_ms']:>8.2f}ms{r['p99_ms']:>8.2f}ms"
                       f"{r['errors_total']:>8}{r['cpu_us_per_req']:>8.0f}us")
-        rps_direct = ing["rps"] / direct["rps"]
-        rps_hap = ing["rps"] / hap["rps"]
+
         def p99(a: str, b_: str) -> str:
             peak = f"p99 at peak {b[a]['p99_ms'] / b[b_]['p99_ms']:.2f}x"
             if a in fixed and b_ in fixed:
                 return f"p99 at the same load {fixed[a]['p99_ms'] / fixed[b_]['p99_ms']:.2f}x ({peak})"
             return peak
-        print(f"\n  ingress / direct:  RPS {rps_direct:.2f}x (target >= {TARGET_RPS_VS_DIRECT}x: "
-              f"{verdict(rps_direct >= TARGET_RPS_VS_DIRECT)}), {p99('ingress', 'direct')}")
-        print(f"  ingress / haproxy: RPS {rps_hap:.2f}x (target >= {TARGET_RPS_VS_HAPROXY}x: "
-              f"{verdict(rps_hap >= TARGET_RPS_VS_HAPROXY)}), {p99('ingress', 'haproxy')}")
-        print(f"  haproxy / direct:  RPS {hap['rps'] / direct['rps']:.2f}x, {p99('haproxy', 'direct')}")
-        print(f"  CPU per request:   ingress {ing['cpu_us_per_req'] / direct['cpu_us_per_req']:.2f}x "
-              f"direct, haproxy {hap['cpu_us_per_req'] / direct['cpu_us_per_req']:.2f}x direct")
-        if "dsr" in b:
-            dsr = b["dsr"]
-            d_direct, d_hap = dsr["rps"] / direct["rps"], dsr["rps"] / hap["rps"]
-            print(f"  dsr / direct:      RPS {d_direct:.2f}x (target >= {TARGET_RPS_VS_DIRECT}x: "
-                  f"{verdict(d_direct >= TARGET_RPS_VS_DIRECT)}), {p99('dsr', 'direct')}")
-            print(f"  dsr / haproxy:     RPS {d_hap:.2f}x (target >= {TARGET_RPS_VS_HAPROXY}x: "
-                  f"{verdict(d_hap >= TARGET_RPS_VS_HAPROXY)}), {p99('dsr', 'haproxy')}; CPU per "
-                  f"request {dsr['cpu_us_per_req'] / direct['cpu_us_per_req']:.2f}x direct")
-            summary.update(dsr_vs_direct_rps=d_direct, dsr_vs_haproxy_rps=d_hap,
-                           dsr_direct_target_met=d_direct >= TARGET_RPS_VS_DIRECT,
-                           dsr_haproxy_target_met=d_hap >= TARGET_RPS_VS_HAPROXY)
+        anchors = [k for k in ("spread", "direct") if k in b]
+        for path in ("ingress", "dsr"):
+            if path not in b:
+                continue
+            r = b[path]
+            print()
+            for anchor in anchors:
+                ratio = r["rps"] / b[anchor]["rps"]
+                print(f"  {path + ' / ' + anchor + ':':<19}RPS {ratio:.2f}x (target >= "
+                      f"{TARGET_RPS_VS_DIRECT}x: {verdict(ratio >= TARGET_RPS_VS_DIRECT)}), "
+                      f"{p99(path, anchor)}; CPU per request "
+                      f"{r['cpu_us_per_req'] / b[anchor]['cpu_us_per_req']:.2f}x")
+                summary[f"{path}_vs_{anchor}_rps"] = ratio
+                summary[f"{path}_{anchor}_target_met"] = ratio >= TARGET_RPS_VS_DIRECT
+                if anchor in fixed and path in fixed:
+                    summary[f"{path}_vs_{anchor}_p99_same_load"] = (fixed[path]["p99_ms"]
+                                                                    / fixed[anchor]["p99_ms"])
+            ratio = r["rps"] / hap["rps"]
+            print(f"  {path + ' / haproxy:':<19}RPS {ratio:.2f}x (target >= {TARGET_RPS_VS_HAPROXY}x: "
+                  f"{verdict(ratio >= TARGET_RPS_VS_HAPROXY)}), {p99(path, 'haproxy')}; CPU per "
+                  f"request {r['cpu_us_per_req'] / hap['cpu_us_per_req']:.2f}x")
+            summary[f"{path}_vs_haproxy_rps"] = ratio
+            summary[f"{path}_haproxy_target_met"] = ratio >= TARGET_RPS_VS_HAPROXY
+            if "haproxy" in fixed and path in fixed:
+                summary[f"{path}_vs_haproxy_p99_same_load"] = (fixed[path]["p99_ms"]
+                                                               / fixed["haproxy"]["p99_ms"])
+        print()
+        for anchor in anchors:
+            print(f"  {'haproxy / ' + anchor + ':':<19}RPS {hap['rps'] / b[anchor]['rps']:.2f}x, "
+                  f"{p99('haproxy', anchor)}")
+        if "spread" in b:
+            print(f"  {'spread / direct:':<19}RPS {b['spread']['rps'] / direct['rps']:.2f}x (the same "
+                  "path; only which wrk thread talks to which task differs)")
+            summary["spread_vs_direct_rps"] = b["spread"]["rps"] / direct["rps"]
         if "ingress@n1" in b:
             loc = b["ingress@n1"]
             print(f"  ingress@n1 / direct (diagnostic): RPS {loc['rps'] / direct['rps']:.2f}x, "
                   f"p99 {loc['p99_ms'] / direct['p99_ms']:.2f}x")
             summary["ingress_n1_vs_direct_rps"] = loc["rps"] / direct["rps"]
-        summary.update(ingress_vs_direct_rps=rps_direct, ingress_vs_haproxy_rps=rps_hap,
-                       ingress_vs_direct_p99_peak=ing["p99_ms"] / direct["p99_ms"],
-                       ingress_vs_haproxy_p99_peak=ing["p99_ms"] / hap["p99_ms"],
-                       direct_target_met=rps_direct >= TARGET_RPS_VS_DIRECT,
-                       haproxy_target_met=rps_hap >= TARGET_RPS_VS_HAPROXY)
-        if "ingress" in fixed and "direct" in fixed and "haproxy" in fixed:
-            summary.update(
-                ingress_vs_direct_p99_same_load=fixed["ingress"]["p99_ms"] / fixed["direct"]["p99_ms"],
-                ingress_vs_haproxy_p99_same_load=fixed["ingress"]["p99_ms"] / fixed["haproxy"]["p99_ms"])
         busy = max(r["cpu"]["busy"] for v in traf["runs"].values() for r in v)
         if busy > 0.95:
             print(f"  note: the machine's {os.cpu_count()} CPUs were saturated during the runs "
