@@ -17,9 +17,10 @@ node on one link (the underlay subnet of the node's device): a node outside it i
 
 Which node, per flow: a map `flows` (client address, port, protocol, published port -> node mark,
 idle timeout FLOW_TIMEOUT) keeps a connection on the node it started on while nodes come and go; a
-new flow (or one whose node no longer has a task of the service) is placed by a seeded `jhash` over
-the nodes' ready tasks (one bucket per task). The map lives across changes: chains are flushed and
-rewritten, the map is never deleted. A node mark is the node's underlay address as a u32.
+new flow is placed by a seeded `jhash` over the nodes' ready tasks (one bucket per task); a flow
+whose node no longer has a task of the service is deleted from the map in the packet path and
+placed again the same way, so it stays on its new node. The map lives across changes: chains are
+flushed and rewritten, the map is never deleted. A node mark is the node's underlay address as a u32.
 Traffic that does not come in through the underlay device (the node itself, its containers), or
 comes from another node's address, takes the ordinary routing mesh (the ingress namespace), which
 balances the same tasks: handed over, a packet from a node would reach a node with its own address
@@ -30,11 +31,8 @@ packet addressed to another node for one of them that reaches this node (handed 
 whose view is ahead of or behind this one's) is DNAT'd to this node's own tasks or to its ingress
 namespace, never routed back onto the link.
 
-Limits: the flows map cannot be rewritten from the packet path (nft refuses `delete` on a map and
-`update` keeps the stored node), so a flow whose node lost every task is placed by the hash on
-each packet, and moves again if the set of nodes changes meanwhile; with client-IP affinity the
-hash takes only the client address, but the map holds each connection, so a client's new
-connections follow the hash when nodes come and go. Non-first fragments of a UDP datagram (no
+Limits: with client-IP affinity the hash takes only the client address, but the map holds each
+connection, so a client's new connections follow the hash when nodes come and go. Non-first fragments of a UDP datagram (no
 port to match) and ICMP errors (PMTU) for a flow reach the addressed node, not the serving one.
 """
 from __future__ import annotations
@@ -171,6 +169,10 @@ def _port_rules(plan: DsrPlan, p: DsrPort) -> list[str]:
     key = "ip saddr . th sport . meta l4proto . th dport"
     marks = ", ".join(str(mark(a)) for a in p.nodes)
     rules = [f"meta mark set {key} map @flows"]
+    # a flow stored on a node that has no task of the service any more is forgotten, so that the
+    # node the hash gives it now is stored below (`update` keeps a stored node); else the old node
+    # would take the flow back when it runs a task again
+    rules.append(f"meta mark != 0 meta mark != {{ {marks} }} delete @flows {{ {key} : meta mark }}")
     if p.buckets:
         hashed = "ip saddr" if p.affinity else "ip saddr . th sport"
         choices = ", ".join(f"{i} : {mark(a)}" for i, a in enumerate(p.buckets))

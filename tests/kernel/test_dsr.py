@@ -3,6 +3,7 @@ answers, the task sees the client, the node the client addressed keeps no state 
 requests over), flows stay on their node while nodes come and go, and no request fails while the
 service scales and is replaced. Clients: curl and Python sockets in the test's host namespace, which
 sits on the lab's underlay link (10.97.0.254)."""
+import ipaddress
 import re
 
 from labkit import curl, sh
@@ -112,6 +113,49 @@ def test_a_flow_stays_on_its_node_while_nodes_join_the_service(lab):
     others = {udp_ask(lab.host, addr["n2"], 9090, source_port=41000 + i).split()[0]
               for i in range(30)}
     assert len(others) > 1, others                            # new flows spread over the tasks
+
+
+MOVES = """
+services:
+  dgram:
+    command: "@ECHO@ 90 udp"
+    deploy: {replicas: @N@, placement: {constraints: ["@WHERE@"]}}
+    ports: ["9090:90/udp"]
+    x-mesh: {ingress: dsr, drain_timeout: 1}
+"""
+
+
+def test_a_flow_whose_node_left_is_placed_again_and_stays_on_its_new_node(lab):
+    """UDP flows on n1 go to n3 when n1 loses its task of the service (n3 keeps one throughout, so
+    the flows map lives on), and stay on n3 when n1 runs tasks again: the packet path forgets the
+    stale entry and stores the new node (else the old entry, valid again, takes them back to n1)."""
+    def stack(replicas: int, where: str) -> str:
+        return MOVES.replace("@N@", str(replicas)).replace("@WHERE@", where)
+
+    def task_nodes() -> dict[str, str]:
+        return {t["hostname"]: t["node"] for t in lab.json("ps") if t["service"] == "dgram"}
+
+    def nodes_of_answers(source_ports) -> dict[int, str]:
+        node_of = task_nodes()
+        return {p: node_of[udp_ask(lab.host, addr["n2"], 9090, source_port=p).split()[0][5:]]
+                for p in source_ports}
+    up(lab, stack(2, "node.hostname!=n2"))
+    addr = nodes(lab)
+    ports = range(40200, 40210)
+    assert set(task_nodes().values()) == {"n1", "n3"}
+    assert set(nodes_of_answers(ports).values()) == {"n1", "n3"}      # (the hash is seeded: fixed)
+    up(lab, stack(2, "node.hostname==n3"))                  # n1 loses its task, n3 keeps one
+    assert set(task_nodes().values()) == {"n3"}
+    assert set(nodes_of_answers(ports).values()) == {"n3"}
+    flows_map = sh(["nft", "list", "map", "netdev", "mesh_dsr", "flows"], f"{lab.host}-n2").stdout
+    n3_mark = f"{int(ipaddress.IPv4Address(addr['n3'])):#010x}"
+    for p in ports:                                         # stored on n3 now
+        assert re.search(rf"{HOST_ADDRESS} \. {p} \. udp \. 9090 expires \S+ : {n3_mark}",
+                         flows_map), (p, flows_map)
+    up(lab, stack(4, "node.hostname!=n2"))                  # n1 runs tasks again
+    assert set(task_nodes().values()) == {"n1", "n3"}
+    assert set(nodes_of_answers(ports).values()) == {"n3"}
+    assert set(nodes_of_answers(range(41200, 41230)).values()) == {"n1", "n3"}   # new flows: both
 
 
 def test_no_failed_request_through_dsr_during_scale_up_down_and_replacement(lab):

@@ -88,6 +88,10 @@ def test_the_netdev_table_keeps_its_flows_map_across_changes():
     assert 'add rule netdev mesh_dsr to_10_97_0_1 meta mark set 0 fwd ip to 10.97.0.1 device "eth0"' in text
     assert "jhash ip saddr . th sport mod 3 seed" in text and "jhash ip saddr mod 1 seed" in text
     assert f"{mark('10.97.0.1')} : jump to_10_97_0_1" in text
+    # a flow stored on a node without a task of the service is forgotten before the hash places it
+    stale = (f"meta mark != 0 meta mark != {{ {mark('10.97.0.1')}, {mark('10.97.0.3')} }} delete "
+             "@flows { ip saddr . th sport . meta l4proto . th dport : meta mark }")
+    assert stale in text and text.index(stale) < text.index("jhash ip saddr . th sport mod 3")
     # web leaves n3: its chain goes, the map stays, nothing is deleted wholesale
     fewer = build_dsr(d, "n2", Readiness(ALL - {"web.3", "dns.1"}, ALL - {"web.3", "dns.1"}), "eth0", 24)
     change = render_dsr(fewer, first)
