@@ -287,10 +287,20 @@ class Agent:
             if vnis and self.node in desired.underlay else OverlayPlan()
         gone_fdb, new_fdb = diff_entries(self.overlay.fdb, plan.fdb)
         gone_neigh, new_neigh = diff_entries(self.overlay.neigh, plan.neigh)
-        for link, mac, remote in gone_fdb | new_fdb:
-            self.nl.set_fdb(self.host, link, mac, remote, (link, mac, remote) in new_fdb)
-        for link, address, mac in gone_neigh | new_neigh:
-            self.nl.set_neigh(self.host, link, address, mac, (link, address, mac) in new_neigh)
+        # new entries first, each replacing the one of its key in place: a task moved to another
+        # node (same address, same MAC) is never without an entry, which would drop its frames
+        for link, mac, remote in new_fdb:
+            self.nl.set_fdb(self.host, link, mac, remote, True)
+        for link, address, mac in new_neigh:
+            self.nl.set_neigh(self.host, link, address, mac, True)
+        kept_macs = {(link, mac) for link, mac, _ in plan.fdb}
+        kept_addresses = {(link, address) for link, address, _ in plan.neigh}
+        for link, mac, remote in gone_fdb:
+            if (link, mac) not in kept_macs:
+                self.nl.set_fdb(self.host, link, mac, remote, False)
+        for link, address, mac in gone_neigh:
+            if (link, address) not in kept_addresses:
+                self.nl.set_neigh(self.host, link, address, mac, False)
         self.overlay = plan
 
     # -- networks -----------------------------------------------------------------------------

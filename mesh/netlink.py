@@ -31,6 +31,7 @@ def _ipr(netns: str | None) -> IPRoute:
 
 
 NUD_PERMANENT = 0x80
+NTF_SELF = 0x02                # an FDB entry of the device itself (the VXLAN's), not its master's
 POLICY_PRIORITY = 1000               # ip rules of the routing mesh's return routes: before main (32766)
 EEXIST, ENOENT, ENODEV, ESRCH = 17, 2, 19, 3
 
@@ -237,11 +238,13 @@ class Netlink:
             ipr.link("set", index=_index(ipr, link), master=br, mtu=mtu, state="up")
 
     def set_fdb(self, netns: str | None, link: str, mac: str, remote: str, present: bool) -> None:
-        """Add (or remove) the static FDB entry `mac` -> VTEP `remote` on VXLAN device `link`."""
+        """Set (or remove) the static FDB entry `mac` -> VTEP `remote` on VXLAN device `link`:
+        setting replaces the VTEP of an entry `mac` already has (one VTEP per task MAC)."""
         with _ipr(netns) as ipr:
             index = _index(ipr, link)
             if index is not None:
-                _quiet(ipr.fdb, "append" if present else "del", ifindex=index, lladdr=mac, dst=remote)
+                _quiet(ipr.fdb, "replace" if present else "del", ifindex=index, lladdr=mac, dst=remote,
+                       flags=NTF_SELF, state=NUD_PERMANENT)
 
     def set_neigh(self, netns: str | None, link: str, address: str, mac: str, present: bool) -> None:
         """Add (or remove) the permanent neighbour entry `address` -> `mac` on `link`."""
