@@ -108,7 +108,8 @@ class Controller:
         rolling = self._rolling(desired)
         if rolling:
             # one task at a time, as Swarm's update_config (parallelism 1, stop-first): the others
-            # keep serving while each is drained, restarted and back in the balancers
+            # keep serving while each is drained, restarted (or started on its new node) and back
+            # in the balancers
             first = replace(desired, tasks={n: self.desired.tasks[n] if n in rolling else t
                                             for n, t in desired.tasks.items()})
             await self._drain(self._leaving(first))
@@ -134,13 +135,16 @@ class Controller:
         return desired
 
     def _rolling(self, desired: DesiredState) -> list[str]:
-        """Tasks restarted in place (same node, new definition), when the change leaves the
-        networks as they were (otherwise the change applies at once)."""
+        """Tasks replaced one at a time: restarted in place (same node, new definition) or, while
+        they run, moved to another node (a changed placement), when the change leaves the networks
+        as they were (otherwise the change applies at once). Tasks that no longer run (their node
+        is gone: its reports went with its lease) move at once."""
         if desired.networks != self.desired.networks:
             return []
-        return [n for n, old in self.desired.tasks.items()
-                if n in desired.tasks and desired.tasks[n].node == old.node
-                and restart_key(desired.tasks[n]) != restart_key(old)]
+        alive = self.readiness().alive
+        return [n for n, old in self.desired.tasks.items() if n in desired.tasks and (
+            desired.tasks[n].node != old.node and n in alive
+            or desired.tasks[n].node == old.node and restart_key(desired.tasks[n]) != restart_key(old))]
 
     async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> bool:
         loop = asyncio.get_running_loop()
