@@ -23,7 +23,7 @@
   * a client namespace (mesh-lbclient) on the lab's underlay bridge, 10.97.0.200, with a route to
     the tasks' subnet via n1 (task addresses are not routed from the host namespace);
   * `webdsr`, the same with 8081 and x-mesh: {ingress: dsr} (direct server return, mesh.lb.dsr);
-  * wrk -t2 -c50 keep-alive from that namespace, five paths:
+  * wrk -t2 -c50 keep-alive from that namespace, six paths:
       ingress  http://<n2's address>:8080/  (n2 runs no replica: the routing mesh carries it to n1)
       dsr      http://<n2's address>:8081/  (n2 hands the requests to n1 in its device's ingress
                hook; n1 DNATs them to its tasks and replies straight to the client)
@@ -34,10 +34,14 @@
                wrk thread on one task, which no balancer does and which is worth ~10% here
       haproxy  haproxy in TCP mode in the client namespace (127.0.0.1:8090), roundrobin over the
                same task addresses, nbthread = number of CPUs (the userland-proxy anchor)
+      haproxy@n2  the same haproxy as a task of the stack (`proxy`) on n2, on the tasks' network,
+               reached through n2: the userland equivalent of the routing mesh's path (a proxy
+               service on the node the client addresses, the overlay to n1), where `haproxy` above
+               saves the hop through n2 and the overlay that every routing-mesh path pays
     peak: no rate limit, each --seconds long, --rounds rounds in alternating order; the better run
     of each path counts (plus ingress@n1: the published port on the replicas' own node, a
     diagnostic without the overlay hop between nodes);
-    same load: then all five again at one offered load (--latency-share of the slowest peak, each
+    same load: then all six again at one offered load (--latency-share of the slowest peak, each
     connection waiting 4 ms between a response and its next request), where p99 is comparable;
     CPU use (whole machine, softirq, wrk, backends, haproxy) is recorded per run, and the CPUs
     other work kept busy just before.
@@ -409,7 +413,9 @@ def mesh_json(*args: str):
     return json.loads(mesh(*args, "--json").stdout)
 
 
-def write_stack(tmp: Path, replicas: int) -> Path:
+def write_stack(tmp: Path, replicas: int, proxy_on: str | None = None) -> Path:
+    """The bench's stack; with `proxy_on` (a node name) also `proxy`: haproxy in TCP mode
+    (tmp/proxy.cfg, start_proxy) as one task on that node, on the same network as the tasks."""
     stack = {
         "name": "benchlb",
         "services": {name: {
@@ -420,6 +426,10 @@ def write_stack(tmp: Path, replicas: int) -> Path:
             "x-mesh": {"ingress": ingress},
         } for name, port, ingress in (("web", PUBLISHED, "nat"), ("webdsr", PUBLISHED_DSR, "dsr"))},
     }
+    if proxy_on:
+        stack["services"]["proxy"] = {
+            "command": f"haproxy -db -f {tmp / 'proxy.cfg'}",
+            "deploy": {"replicas": 1, "placement": {"constraints": [f"node.hostname == {proxy_on}"]}}}
     path = tmp / "stack.yaml"
     path.write_text(json.dumps(stack, indent=2))          # JSON is YAML
     return path
@@ -496,10 +506,9 @@ def attach_spread(lab: dict) -> None:
         CLIENT_NS)
 
 
-def start_anchor(res: Resources, tmp: Path, lab: dict) -> subprocess.Popen:
+def anchor_cfg(lab: dict, bind: str) -> str:
     servers = "\n".join(f"    server t{i} {a}:80" for i, a in enumerate(lab["task_addresses"]))
-    cfg = tmp / "anchor.cfg"
-    cfg.write_text(f"""global
+    return f"""global
     nbthread {os.cpu_count() or 1}
     maxconn 4000
 defaults
@@ -508,10 +517,35 @@ defaults
     timeout server 30s
     timeout connect 5s
 listen anchor
-    bind 127.0.0.1:{ANCHOR_PORT}
+    bind {bind}
     balance roundrobin
 {servers}
-""")
+"""
+
+
+def start_proxy(tmp: Path, replicas: int, lab: dict) -> None:
+    """haproxy@n2: the same haproxy as a task of the stack on the node without a replica (a
+    userland routing mesh, as a proxy service on every node would be), on the tasks' network; the
+    client reaches its address through that node. Its pid joins the haproxy CPU figures."""
+    idle = lab["idle_node"]
+    (tmp / "proxy.cfg").write_text(anchor_cfg(lab, f":{ANCHOR_PORT}"))
+    mesh("up", "-f", str(write_stack(tmp, replicas, proxy_on=idle["name"])), "--nodes", "3")
+    deadline = time.monotonic() + 30
+    while True:
+        proxy = [t for t in mesh_json("ps") if t["service"] == "proxy"]
+        if proxy and proxy[0]["state"] == "running" and proxy[0]["node"] == idle["name"]:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy task is not running on {idle['name']} after 30 s: {proxy}")
+        time.sleep(0.5)
+    address = next(v for k, v in proxy[0]["networks"].items() if k != "ingress")["address"]
+    run(["ip", "route", "add", f"{address}/32", "via", idle["address"]], CLIENT_NS)
+    lab["proxy_address"], lab["proxy_pids"] = address, [proxy[0]["pid"]]
+
+
+def start_anchor(res: Resources, tmp: Path, lab: dict) -> subprocess.Popen:
+    cfg = tmp / "anchor.cfg"
+    cfg.write_text(anchor_cfg(lab, f"127.0.0.1:{ANCHOR_PORT}"))
     return res.start("haproxy-anchor", in_ns(CLIENT_NS, ["haproxy", "-db", "-f", str(cfg)]),
                      tmp / "anchor.log")
 
@@ -548,7 +582,7 @@ def wrk(res: Resources, tmp: Path, url: str, seconds: int, conns: int,
     argv = in_ns(CLIENT_NS, ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--timeout", "2s",
                              "-s", str(HERE / "wrk.lua"), url])
     hz = os.sysconf("SC_CLK_TCK")
-    pids = {"backends": lab["backend_pids"], "haproxy": [anchor_pid]}
+    pids = {"backends": lab["backend_pids"], "haproxy": [anchor_pid, *lab.get("proxy_pids", [])]}
     before = {k: sum(proc_ticks(p) for p in v) for k, v in pids.items()}
     c0 = cpu_ticks()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -594,6 +628,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
     lab = start_lab(res, tmp, args.replicas)
     attach_client(res, lab)
     attach_spread(lab)
+    start_proxy(tmp, args.replicas, lab)
     anchor = start_anchor(res, tmp, lab)
     idle = lab["idle_node"]
     paths = {
@@ -603,6 +638,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
                    [f"{a}:80" for a in lab["task_addresses"]]),
         "spread": (f"http://{SPREAD_ADDRESS}:80/", None),
         "haproxy": (f"http://127.0.0.1:{ANCHOR_PORT}/", None),
+        "haproxy@n2": (f"http://{lab['proxy_address']}:{ANCHOR_PORT}/", None),
     }
     if not args.no_local:       # diagnostic: the routing mesh on the node that runs the replicas
         paths["ingress@n1"] = (f"http://{lab['replica_node']['address']}:{PUBLISHED}/", None)
@@ -617,12 +653,15 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
           f"a 5-tuple hash: every task holds {SPREAD_ADDRESS}, n1 routes it over them by multipath)")
     print(f"  haproxy: {paths['haproxy'][0]}  (TCP mode, roundrobin over the same task addresses, "
           f"in {CLIENT_NS})")
+    print(f"  haproxy@n2: {paths['haproxy@n2'][0]}  (the same haproxy as a task on {idle['name']}, "
+          "on the tasks' network, reached through that node: a userland routing mesh)")
     if "ingress@n1" in paths:
         print(f"  ingress@n1: {paths['ingress@n1'][0]}  (diagnostic: the published port on the node "
               "with the replicas: the ingress namespace's NAT without the overlay hop)")
     for a in lab["task_addresses"]:
         curl(CLIENT_NS, f"http://{a}:80/")
     curl(CLIENT_NS, paths["haproxy"][0])
+    curl(CLIENT_NS, paths["haproxy@n2"][0])
     curl(CLIENT_NS, paths["dsr"][0])
     seen = spread(CLIENT_NS, paths["ingress"][0])
     print(f"  20 new connections through {idle['name']}:{PUBLISHED} reached: "
@@ -638,7 +677,7 @@ def traffic(res: Resources, args, tmp: Path) -> dict:
           + ("  <- figures below are skewed by it" if bg > 0.2 else ""))
     for name, (url, addrs) in paths.items():                        # warm-up, not counted
         wrk(res, tmp, url, 2, args.connections, addrs, lab, anchor.pid)
-    main_paths = ["ingress", "dsr", "direct", "spread", "haproxy"]
+    main_paths = ["ingress", "dsr", "direct", "spread", "haproxy", "haproxy@n2"]
     runs: dict[str, list[dict]] = {k: [] for k in paths}
 
     def one(label: str, name: str, conns: int, delay_ms: int = 0) -> dict:
@@ -722,7 +761,7 @@ def report(prog: dict | None, traf: dict | None) -> dict:
         summary["change_p99_target_met"] = ok
     if traf:
         b = traf["best"]
-        direct, hap = b["direct"], b["haproxy"]
+        direct = b["direct"]
         print("\n  (a)+(b) wrk keep-alive; peak: better run of each path (CPU/req: busy CPU time of the "
               "whole machine per request)")
         print(f"  {'path':<12}{'req/s':>12}{'p50':>10}{'p99':>10}{'errors':>8}{'CPU/req':>10}")
@@ -751,7 +790,7 @@ def report(prog: dict | None, traf: dict | None) -> dict:
             print()
             for anchor in anchors:
                 ratio = r["rps"] / b[anchor]["rps"]
-                print(f"  {path + ' / ' + anchor + ':':<19}RPS {ratio:.2f}x (target >= "
+                print(f"  {path + ' / ' + anchor + ':':<22}RPS {ratio:.2f}x (target >= "
                       f"{TARGET_RPS_VS_DIRECT}x: {verdict(ratio >= TARGET_RPS_VS_DIRECT)}), "
                       f"{p99(path, anchor)}; CPU per request "
                       f"{r['cpu_us_per_req'] / b[anchor]['cpu_us_per_req']:.2f}x")
@@ -760,21 +799,24 @@ def report(prog: dict | None, traf: dict | None) -> dict:
                 if anchor in fixed and path in fixed:
                     summary[f"{path}_vs_{anchor}_p99_same_load"] = (fixed[path]["p99_ms"]
                                                                     / fixed[anchor]["p99_ms"])
-            ratio = r["rps"] / hap["rps"]
-            print(f"  {path + ' / haproxy:':<19}RPS {ratio:.2f}x (target >= {TARGET_RPS_VS_HAPROXY}x: "
-                  f"{verdict(ratio >= TARGET_RPS_VS_HAPROXY)}), {p99(path, 'haproxy')}; CPU per "
-                  f"request {r['cpu_us_per_req'] / hap['cpu_us_per_req']:.2f}x")
-            summary[f"{path}_vs_haproxy_rps"] = ratio
-            summary[f"{path}_haproxy_target_met"] = ratio >= TARGET_RPS_VS_HAPROXY
-            if "haproxy" in fixed and path in fixed:
-                summary[f"{path}_vs_haproxy_p99_same_load"] = (fixed[path]["p99_ms"]
-                                                               / fixed["haproxy"]["p99_ms"])
+            for proxy in [k for k in ("haproxy@n2", "haproxy") if k in b]:
+                ratio = r["rps"] / b[proxy]["rps"]
+                print(f"  {path + ' / ' + proxy + ':':<22}RPS {ratio:.2f}x (target >= "
+                      f"{TARGET_RPS_VS_HAPROXY}x: {verdict(ratio >= TARGET_RPS_VS_HAPROXY)}), "
+                      f"{p99(path, proxy)}; CPU per request "
+                      f"{r['cpu_us_per_req'] / b[proxy]['cpu_us_per_req']:.2f}x")
+                summary[f"{path}_vs_{proxy}_rps"] = ratio
+                summary[f"{path}_{proxy}_target_met"] = ratio >= TARGET_RPS_VS_HAPROXY
+                if proxy in fixed and path in fixed:
+                    summary[f"{path}_vs_{proxy}_p99_same_load"] = (fixed[path]["p99_ms"]
+                                                                  / fixed[proxy]["p99_ms"])
         print()
-        for anchor in anchors:
-            print(f"  {'haproxy / ' + anchor + ':':<19}RPS {hap['rps'] / b[anchor]['rps']:.2f}x, "
-                  f"{p99('haproxy', anchor)}")
+        for proxy in [k for k in ("haproxy", "haproxy@n2") if k in b]:
+            for anchor in anchors:
+                print(f"  {proxy + ' / ' + anchor + ':':<22}RPS {b[proxy]['rps'] / b[anchor]['rps']:.2f}x, "
+                      f"{p99(proxy, anchor)}")
         if "spread" in b:
-            print(f"  {'spread / direct:':<19}RPS {b['spread']['rps'] / direct['rps']:.2f}x (the same "
+            print(f"  {'spread / direct:':<22}RPS {b['spread']['rps'] / direct['rps']:.2f}x (the same "
                   "path; only which wrk thread talks to which task differs)")
             summary["spread_vs_direct_rps"] = b["spread"]["rps"] / direct["rps"]
         if "ingress@n1" in b:
