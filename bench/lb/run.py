@@ -45,8 +45,9 @@
     connection waiting 4 ms between a response and its next request), where p99 is comparable;
     CPU use (whole machine, softirq, wrk, backends, haproxy) is recorded per run, and the CPUs
     other work kept busy just before.
-Targets (issue 5, item 7), for ingress and for dsr: >= 0.9x direct RPS (against spread and direct), >= 2x haproxy RPS, one-service
-change p99 <= 50 ms at 10k services. Printed as met / not met; nothing is asserted.
+Targets (issue 5, item 7), for ingress and for dsr: >= 0.9x direct RPS (against spread and
+direct), >= 2x haproxy RPS (against haproxy@n2 and haproxy), one-service change p99 <= 50 ms at 10k
+services. Printed as met / not met; nothing is asserted.
 
 Everything runs inside namespaces this script makes (mesh-benchlb and the lab's, mesh-lbclient,
 mesh-lbprog); traffic goes only to addresses inside them. All of them are removed at the end, on
