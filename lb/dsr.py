@@ -32,8 +32,9 @@ whose view is ahead of or behind this one's) is DNAT'd to this node's own tasks 
 namespace, never routed back onto the link.
 
 Limits: with client-IP affinity the hash takes only the client address, but the map holds each
-connection, so a client's new connections follow the hash when nodes come and go. Non-first fragments of a UDP datagram (no
-port to match) and ICMP errors (PMTU) for a flow reach the addressed node, not the serving one.
+connection, so a client's new connections follow the hash when nodes come and go. Non-first
+fragments of a UDP datagram (no port to match) and ICMP errors (PMTU) for a flow reach the
+addressed node, not the serving one.
 """
 from __future__ import annotations
 

@@ -116,15 +116,19 @@ class Controller:
             await self._apply_all(first)
             self.desired = first
             for name in rolling:
+                if not self._node_up(desired.tasks[name].node):
+                    break            # its new node went down meanwhile: the rest goes at once below
                 step = replace(self.desired, tasks={**self.desired.tasks, name: desired.tasks[name]})
                 await self._drain(frozenset([name]))
                 await self._apply_all(step)
                 self.desired = step
                 if not await self._until_ready(name):
+                    if not self._node_up(desired.tasks[name].node):
+                        break        # (the reconcile that follows places its tasks again)
                     # Swarm's failure_action "pause": the other tasks keep the old definition
                     self.stack, self.connections, self.disconnections = stack, conns, disconns
                     raise Conflict(f"update paused: task '{name}' did not become ready with the new "
-                                   f"definition ({self.status(name).get('state')}, health "
+                                   f"definition or node ({self.status(name).get('state')}, health "
                                    f"{self.status(name).get('health', 'none')}); the other tasks "
                                    f"keep the old one. Fix the stack and run mesh up again "
                                    f"(mesh logs {name} may say why)")
@@ -133,6 +137,10 @@ class Controller:
         self.desired = desired
         self.stack, self.connections, self.disconnections = stack, conns, disconns
         return desired
+
+    def _node_up(self, node: str) -> bool:
+        """The node can run tasks (a cluster's node registered with a live lease)."""
+        return True
 
     def _rolling(self, desired: DesiredState) -> list[str]:
         """Tasks replaced one at a time: restarted in place (same node, new definition) or, while
@@ -149,7 +157,7 @@ class Controller:
     async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline:
+        while loop.time() < deadline and self._node_up(self.desired.tasks[task].node):
             if self.readiness().takes(task):
                 return True
             if self.status(task).get("state") == "exited":

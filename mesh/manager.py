@@ -238,9 +238,14 @@ class ClusterController(Controller):
 
     @staticmethod
     def _restarting(before: DesiredState, after: DesiredState) -> frozenset[str]:
+        """Tasks the step starts anew under their name: restarted in place or moved to another
+        node (no balancer may take the old one's report for the new one's)."""
         return frozenset(n for n, t in after.tasks.items() if n in before.tasks
-                         and before.tasks[n].node == t.node
-                         and restart_key(before.tasks[n]) != restart_key(t))
+                         and (before.tasks[n].node != t.node
+                              or restart_key(before.tasks[n]) != restart_key(t)))
+
+    def _node_up(self, node: str) -> bool:
+        return node in self.live
 
     async def _step(self, doc: ClusterDoc) -> None:
         if replace(doc, leader=self.doc.leader, serial=self.doc.serial) == self.doc:

@@ -71,3 +71,21 @@ def test_tasks_on_two_nodes_reach_each_other_over_vxlan(two_nodes):
                    "--retry-connrefused", "--retry-delay", "1", "--max-time", "3",
                    "http://10.0.42.3:8000/"], f"{n1}-web.1").stdout
     assert code == "200"
+
+
+def test_a_task_moved_to_another_node_has_one_fdb_entry_all_along(two_nodes):
+    """Setting a MAC's entry again replaces its VTEP in place (a task that moved keeps its MAC):
+    never two VTEPs for one MAC, never none between the two writes."""
+    tag, nodes, _ = two_nodes
+    (n1, _), _ = nodes.items()
+    nl = Netlink()
+    plan = _apply(nl, n1, nodes, {"front": 4101}, [("front", n1, "10.0.43.2")],
+                  {"front": f"mhb{tag}mv"})
+    link, mac = plan.devices["front"].link, mac_for("10.0.43.9")
+    for remote in ("10.98.0.2", "10.98.0.3"):
+        nl.set_fdb(n1, link, mac, remote, True)
+        entries = [l for l in sh(["bridge", "fdb", "show", "dev", link], n1).stdout.splitlines()
+                   if l.startswith(mac)]
+        assert len(entries) == 1 and f"dst {remote} " in entries[0] + " ", entries
+    nl.set_fdb(n1, link, mac, "10.98.0.3", False)
+    assert mac not in sh(["bridge", "fdb", "show", "dev", link], n1).stdout
