@@ -230,19 +230,21 @@ class ClusterController(Controller):
         """One step: written to the store, then the agents' reports awaited (see the module)."""
         stack, conns, disconns, table = self._next or (
             self.stack, self.connections, self.disconnections, node_table(self.doc.nodes, self.live))
-        restarting = self._restarting(self.doc.desired, desired) - desired.draining
+        restarting = self._restarting(self.doc.desired, desired, frozenset(self.live)) \
+            - desired.draining
         if restarting:       # out of every balancer while it restarts: back once reported anew
             await self._step(ClusterDoc(replace(desired, draining=desired.draining | restarting),
                                         stack, conns, disconns, table))
         await self._step(ClusterDoc(desired, stack, conns, disconns, table))
 
     @staticmethod
-    def _restarting(before: DesiredState, after: DesiredState) -> frozenset[str]:
-        """Tasks the step starts anew under their name: restarted in place or moved to another
-        node (no balancer may take the old one's report for the new one's)."""
-        return frozenset(n for n, t in after.tasks.items() if n in before.tasks
-                         and (before.tasks[n].node != t.node
-                              or restart_key(before.tasks[n]) != restart_key(t)))
+    def _restarting(before: DesiredState, after: DesiredState, live: frozenset[str]) -> frozenset[str]:
+        """Tasks the step starts anew under their name while a report of the old one may still be
+        read for them: restarted in place, or moved from a node that is up (no balancer may take
+        that report for the new task's). A dead node's reports went with its lease."""
+        return frozenset(n for n, t in after.tasks.items() if n in before.tasks and (
+            before.tasks[n].node != t.node and before.tasks[n].node in live
+            or before.tasks[n].node == t.node and restart_key(before.tasks[n]) != restart_key(t)))
 
     def _node_up(self, node: str) -> bool:
         return node in self.live
