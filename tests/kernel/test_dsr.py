@@ -5,10 +5,12 @@ service scales and is replaced. Clients: curl and Python sockets in the test's h
 sits on the lab's underlay link (10.97.0.254)."""
 import ipaddress
 import re
+import time
 
 from labkit import curl, sh
 
-from meshclients import HOST_ADDRESS, churn, hostnames, nodes, spread, udp_ask, up
+from meshclients import (HOST_ADDRESS, churn, finish, hostnames, loop, nodes, spread, udp_ask,
+                         up)
 
 DSR = """
 services:
@@ -166,6 +168,24 @@ def test_no_failed_request_through_dsr_during_scale_up_down_and_replacement(lab)
     assert result["failed"] == 0, result
     assert result["ok"] > 20, result
     assert len(result["hosts"]) >= 3, result
+
+
+def test_no_failed_request_through_dsr_while_a_placement_change_moves_every_task(lab):
+    """A constraint that moves every task of `web` from n1 to n3 moves them one at a time: n2
+    always has a node with a task to hand each new connection to (it fails when all move at once)."""
+    stack = SPREAD.replace("@GEN@", "1").replace("replicas: 1", "replicas: 2")
+    up(lab, stack.replace("hostname!=n2", "hostname==n1"))
+    addr = nodes(lab)
+    proc, stop, out = loop(lab, f"http://{addr['n2']}:8080/")
+    try:
+        time.sleep(0.5)
+        up(lab, stack.replace("hostname!=n2", "hostname==n3"))
+        time.sleep(0.5)
+    finally:
+        result = finish(proc, stop, out)
+    assert {t["node"] for t in lab.json("ps") if t["service"] == "web"} == {"n3"}
+    assert result["failed"] == 0, result
+    assert result["ok"] > 20, result
 
 
 def test_a_node_off_the_link_refuses_dsr_and_the_change_is_undone(lab):
