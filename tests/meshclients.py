@@ -5,7 +5,10 @@ curl and Python sockets, and run a client loop while the stack changes.
     up(lab, STACK)                  # @ECHO@ in STACK is the echo server; 3 nodes
     spread(f"http://{nodes(lab)['n2']}:8080/", lab.host, hostnames(lab, "web"))
     result = churn(lab, url, STACK, "replicas: 2")   # a client loop (tests/loadloop.py) meanwhile
+    with client_loop(lab, url) as result:           # the same around any change
+        up(lab, OTHER_STACK)
 """
+import contextlib
 import json
 import subprocess
 import time
@@ -59,33 +62,35 @@ def udp_ask(netns: str, address: str, port: int, source_port: int = 0) -> str:
     raise AssertionError(f"no UDP answer from {address}:{port}: {proc.stderr}")
 
 
-def loop(lab, url: str):
+@contextlib.contextmanager
+def client_loop(lab, url: str):
+    """A client loop (tests/loadloop.py: a new connection to `url` every 20 ms) runs 0.5 s before,
+    during and 0.5 s after the block; the dict yielded holds its result ({"ok", "failed",
+    "errors", "hosts"}) once the block is over."""
     stop, out = lab.tmp / "stop", lab.tmp / "loop.json"
     proc = subprocess.Popen(["ip", "netns", "exec", lab.host, SYSTEM_PYTHON,
                              str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
-    return proc, stop, out
-
-
-def finish(proc, stop, out) -> dict:
-    stop.touch()
-    proc.wait(30)
-    return json.loads(out.read_text())
+    result: dict = {}
+    try:
+        time.sleep(0.5)
+        yield result
+        time.sleep(0.5)
+    finally:
+        stop.touch()
+        proc.wait(30)
+        result.update(json.loads(out.read_text()))
 
 
 def churn(lab, url: str, stack: str, replicas: str) -> dict:
     """The client loop's result while `web` of `stack` (with @GEN@ in its environment) scales to 5,
     then to 1, then is brought up twice with 3 replicas (`replicas` replaced), a new generation each
     time, so every task is replaced."""
-    proc, stop, out = loop(lab, url)
-    try:
-        time.sleep(0.5)
+    with client_loop(lab, url) as result:
         lab.mesh("service", "scale", "web=5")
         time.sleep(0.5)
         lab.mesh("service", "scale", "web=1")
         time.sleep(0.5)
-        for generation in ("2", "3"):
-            up(lab, stack.replace("@GEN@", generation).replace(replicas, "replicas: 3"))
-            time.sleep(0.5)
-    finally:
-        result = finish(proc, stop, out)
+        up(lab, stack.replace("@GEN@", "2").replace(replicas, "replicas: 3"))
+        time.sleep(0.5)
+        up(lab, stack.replace("@GEN@", "3").replace(replicas, "replicas: 3"))
     return result

@@ -5,11 +5,10 @@ service scales and is replaced. Clients: curl and Python sockets in the test's h
 sits on the lab's underlay link (10.97.0.254)."""
 import ipaddress
 import re
-import time
 
 from labkit import curl, sh
 
-from meshclients import (HOST_ADDRESS, churn, finish, hostnames, loop, nodes, spread, udp_ask,
+from meshclients import (HOST_ADDRESS, churn, client_loop, hostnames, nodes, spread, udp_ask,
                          up)
 
 DSR = """
@@ -176,13 +175,8 @@ def test_no_failed_request_through_dsr_while_a_placement_change_moves_every_task
     stack = SPREAD.replace("@GEN@", "1").replace("replicas: 1", "replicas: 2")
     up(lab, stack.replace("hostname!=n2", "hostname==n1"))
     addr = nodes(lab)
-    proc, stop, out = loop(lab, f"http://{addr['n2']}:8080/")
-    try:
-        time.sleep(0.5)
+    with client_loop(lab, f"http://{addr['n2']}:8080/") as result:
         up(lab, stack.replace("hostname!=n2", "hostname==n3"))
-        time.sleep(0.5)
-    finally:
-        result = finish(proc, stop, out)
     assert {t["node"] for t in lab.json("ps") if t["service"] == "web"} == {"n3"}
     assert result["failed"] == 0, result
     assert result["ok"] > 20, result

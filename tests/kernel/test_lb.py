@@ -12,7 +12,7 @@ import pytest
 from mesh.lb.base import kernel_has_ipvs
 
 from labkit import SYSTEM_PYTHON, curl, no_connect, sh, wait_for
-from meshclients import (HOST_ADDRESS, answers, churn, finish, hostnames, loop, nodes, spread,
+from meshclients import (HOST_ADDRESS, answers, churn, client_loop, hostnames, nodes, spread,
                          udp_ask, up)
 
 MESH = """
@@ -112,13 +112,8 @@ def test_no_failed_request_while_a_placement_change_moves_every_task(lab):
     Swarm's rolling update does: a task takes connections at every moment."""
     up(lab, ROLLING.replace("@GEN@", "1"))
     addr = nodes(lab)
-    proc, stop, out = loop(lab, f"http://{addr['n2']}:8080/")
-    try:
-        time.sleep(0.5)
+    with client_loop(lab, f"http://{addr['n2']}:8080/") as result:
         up(lab, ROLLING.replace("@GEN@", "1").replace("hostname==n1", "hostname==n3"))
-        time.sleep(0.5)
-    finally:
-        result = finish(proc, stop, out)
     assert {t["node"] for t in lab.json("ps") if t["service"] == "web"} == {"n3"}
     assert result["failed"] == 0, result
     assert result["ok"] > 20, result
