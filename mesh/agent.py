@@ -50,6 +50,14 @@ def restart_key(t: TaskState) -> tuple:
             t.healthcheck)
 
 
+def renewed(old: TaskState, new: TaskState, running: bool) -> bool:
+    """The change starts the task anew under its name: moved to another node while it `running`
+    on the old one, or restarted in place with a new definition."""
+    if old.node != new.node:
+        return running
+    return restart_key(old) != restart_key(new)
+
+
 def host_resolv(host_netns: str | None) -> str:
     """The host namespace's resolv.conf text (/etc/netns/<host>/resolv.conf first, as ip netns exec)."""
     for path in ([os.path.join(ETC_NETNS, host_netns, "resolv.conf")] if host_netns else []) + \
@@ -287,20 +295,16 @@ class Agent:
             if vnis and self.node in desired.underlay else OverlayPlan()
         gone_fdb, new_fdb = diff_entries(self.overlay.fdb, plan.fdb)
         gone_neigh, new_neigh = diff_entries(self.overlay.neigh, plan.neigh)
-        # new entries first, each replacing the one of its key in place: a task moved to another
-        # node (same address, same MAC) is never without an entry, which would drop its frames
+        # written first, each in place of its key's entry: a task moved to another node (same
+        # address, same MAC) is never without an entry, which would drop its frames
         for link, mac, remote in new_fdb:
             self.nl.set_fdb(self.host, link, mac, remote, True)
         for link, address, mac in new_neigh:
             self.nl.set_neigh(self.host, link, address, mac, True)
-        kept_macs = {(link, mac) for link, mac, _ in plan.fdb}
-        kept_addresses = {(link, address) for link, address, _ in plan.neigh}
         for link, mac, remote in gone_fdb:
-            if (link, mac) not in kept_macs:
-                self.nl.set_fdb(self.host, link, mac, remote, False)
+            self.nl.set_fdb(self.host, link, mac, remote, False)
         for link, address, mac in gone_neigh:
-            if (link, address) not in kept_addresses:
-                self.nl.set_neigh(self.host, link, address, mac, False)
+            self.nl.set_neigh(self.host, link, address, mac, False)
         self.overlay = plan
 
     # -- networks -----------------------------------------------------------------------------

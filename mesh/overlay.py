@@ -66,5 +66,8 @@ def build_overlay_plan(node: str, underlay: dict[str, str], networks: dict[str, 
 
 
 def diff_entries(old: frozenset, new: frozenset) -> tuple[set, set]:
-    """(entries to remove, entries to add)."""
-    return set(old - new), set(new - old)
+    """(entries to remove, entries to write) of (link, key, value) entries: writing replaces the
+    entry of its (link, key) in place, so an entry whose key stays (a task moved to another node
+    keeps its MAC and address) is rewritten, never removed: write first, then remove."""
+    kept = {(link, key) for link, key, _ in new}
+    return {e for e in old - new if e[:2] not in kept}, set(new - old)

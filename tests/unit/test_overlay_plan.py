@@ -17,3 +17,5 @@ def test_mac_and_diff():
     assert mac_for("172.18.0.2") == "02:42:ac:12:00:02"
     old, new = frozenset({("x", "a", "1"), ("x", "b", "2")}), frozenset({("x", "b", "2"), ("x", "c", "3")})
     assert diff_entries(old, new) == ({("x", "a", "1")}, {("x", "c", "3")})
+    moved = frozenset({("x", "a", "9")})                 # key a stays: rewritten, not removed
+    assert diff_entries(old, moved) == ({("x", "b", "2")}, {("x", "a", "9")})
