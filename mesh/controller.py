@@ -17,7 +17,7 @@ import re
 import logging
 from dataclasses import replace
 
-from mesh.agent import restart_key
+from mesh.agent import renewed
 from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
 from mesh.model import Attachment, DnsOptions, Placement, Service, Stack
@@ -150,9 +150,8 @@ class Controller:
         if desired.networks != self.desired.networks:
             return []
         alive = self.readiness().alive
-        return [n for n, old in self.desired.tasks.items() if n in desired.tasks and (
-            desired.tasks[n].node != old.node and n in alive
-            or desired.tasks[n].node == old.node and restart_key(desired.tasks[n]) != restart_key(old))]
+        return [n for n, old in self.desired.tasks.items()
+                if n in desired.tasks and renewed(old, desired.tasks[n], n in alive)]
 
     async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> bool:
         loop = asyncio.get_running_loop()
@@ -170,7 +169,7 @@ class Controller:
         out = set()
         for name, old in self.desired.tasks.items():
             new = desired.tasks.get(name)
-            if new is None or new.node != old.node or restart_key(new) != restart_key(old):
+            if new is None or renewed(old, new, running=True):
                 out.add(name)
         return frozenset(out)
 

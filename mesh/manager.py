@@ -45,7 +45,7 @@ from ipaddress import ip_network
 import aiohttp
 from aiohttp import web
 
-from mesh.agent import restart_key
+from mesh.agent import renewed, restart_key
 from mesh.allocator import ClusterPlacement
 from mesh.codec import ClusterDoc, CodecError, NodeInfo, decode, decode_doc, encode
 from mesh.coalesce import Coalescing
@@ -242,9 +242,8 @@ class ClusterController(Controller):
         """Tasks the step starts anew under their name while a report of the old one may still be
         read for them: restarted in place, or moved from a node that is up (no balancer may take
         that report for the new task's). A dead node's reports went with its lease."""
-        return frozenset(n for n, t in after.tasks.items() if n in before.tasks and (
-            before.tasks[n].node != t.node and before.tasks[n].node in live
-            or before.tasks[n].node == t.node and restart_key(before.tasks[n]) != restart_key(t)))
+        return frozenset(n for n, t in after.tasks.items() if n in before.tasks
+                         and renewed(before.tasks[n], t, before.tasks[n].node in live))
 
     def _node_up(self, node: str) -> bool:
         return node in self.live
