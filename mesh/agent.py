@@ -83,6 +83,11 @@ class Agent:
         self.readiness = self.default_readiness
         self.node = node                 # in a cluster: this agent's node; it runs only its tasks
         self.overlay = OverlayPlan()
+        # tasks this node's balancers and DNS send new connections to, as of its last data-plane
+        # sync (ready, listening on every published TCP target, not draining); on_synced() is
+        # called after each sync (a NodeAgent reports the set: `mesh up` waits for every node's)
+        self.balanced: frozenset[str] = frozenset()
+        self.on_synced = None
         self.nl = netlink
         self.nft = nft
         self.sup = supervisor
@@ -129,6 +134,10 @@ class Agent:
             await asyncio.to_thread(self._sync_lb, applied, readiness)
         if self.dns is not None:     # names resolve for ready tasks that are not draining
             await self.dns.sync(applied, readiness.ready - applied.draining)
+        self.balanced = frozenset(n for n in applied.tasks if n in readiness.ready
+                                  and n not in readiness.missing and n not in applied.draining)
+        if self.on_synced is not None:
+            self.on_synced()
         # a task of this node not listening yet in this very snapshot: look again soon
         waiting = any(n in readiness.missing for n in applied.on_node(self.node))
         if waiting:

@@ -47,7 +47,9 @@ def build_app(ctl, stop: asyncio.Event, finish=None, about: dict | None = None) 
     routes = web.RouteTableDef()
 
     def tasks_json():
-        return [task_view(t, ctl.status(t.name), ctl.desired) for t in ctl.desired.tasks.values()]
+        waiting = ctl.waiting()
+        return [task_view(t, ctl.status(t.name), ctl.desired, waiting.get(t.name))
+                for t in ctl.desired.tasks.values()]
 
     @routes.get("/v1/ping")
     async def ping(_):

@@ -112,7 +112,7 @@ def _not_ready(task: dict) -> str | None:
         return task["state"]
     if task.get("health", "none") not in ("none", "healthy"):
         return f"health {task['health']}"
-    return None
+    return task.get("waiting")
 
 
 def _wait_ready(api: Api, timeout: float, expect_tasks: bool = True) -> None:

@@ -42,6 +42,7 @@ class NodeInfo:
     error: str | None = None         # the agent's last failed apply, if any
     applied: int = 0                 # the revision of /mesh/desired it applied last (drain steps)
     failed: int = 0                  # the revision whose apply failed (with `error`), if any
+    balanced: tuple[str, ...] = ()   # tasks its balancers send new connections to (Agent.balanced)
 
     def placement_key(self) -> tuple:
         """What placement and allocation depend on (a re-registration that changes none of it

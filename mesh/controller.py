@@ -57,6 +57,27 @@ class Controller:
             out = out.merge(agent.own_readiness())
         return out
 
+    def waiting(self) -> dict[str, str]:
+        """Task -> what still keeps it from new connections through every node, for the tasks
+        that run (and are healthy, if checked): a published TCP port it does not listen on, or a
+        node whose balancers do not send to it yet. `mesh up` waits for these too."""
+        ready, balancers = self.readiness(), self._balancers()
+        out = {}
+        for name in self.desired.tasks:
+            if name not in ready.ready or name in self.desired.draining:
+                continue
+            absent = ready.missing.get(name, (frozenset(), frozenset()))[0]
+            lagging = sorted(node or "this host" for node, has in balancers.items() if name not in has)
+            if absent:
+                out[name] = "not listening on " + ", ".join(f"{p}/tcp" for p in sorted(absent)) + " yet"
+            elif lagging:
+                out[name] = "not in the balancers of " + ", ".join(lagging) + " yet"
+        return out
+
+    def _balancers(self) -> dict[str, frozenset[str]]:
+        """Node -> the tasks its balancers send new connections to (mesh.agent.Agent.balanced)."""
+        return {node: agent.balanced for node, agent in self.agents.items()}
+
     def kick(self) -> None:
         """A task changed state somewhere: every node's DNS and balancers follow."""
         for agent in self.agents.values():

@@ -320,6 +320,11 @@ class ClusterController(Controller):
                 out.add_report(name, st)
         return out
 
+    def _balancers(self) -> dict[str, frozenset[str]]:
+        """Node -> the tasks its balancers send new connections to, as its record says."""
+        return {name: frozenset(info.balanced) for name, info in self.live.items()
+                if info.state == "ready"}
+
     def _serving(self, task: str) -> bool:
         """A draining task's connections: seen from its process when its node is on this machine
         (a lab), otherwise as its agent reports them (`serving`; until that report: yes)."""

@@ -13,7 +13,9 @@ Its host namespace is the one it runs in (host_netns None). It
   arrive while an apply runs coalesce into the next one; it writes the revision it applied into
   its node record (NodeInfo.applied), or the one that failed with its error (NodeInfo.failed):
   each step of the manager waits for it, as no task report shows that the balancers let go of a
-  task, nor that a node without tasks of the change applied it;
+  task, nor that a node without tasks of the change applied it; and, after each data-plane sync,
+  the tasks its balancers send new connections to (NodeInfo.balanced: `mesh up` waits for every
+  node's);
 - reports each task's state at /mesh/status/<name>/<task> (put with its lease, so a dead node's
   reports vanish with it) whenever it changes: running, health, whether it takes traffic
   (mesh.readiness: ready, and the published ports it does not listen on yet), and for a draining
@@ -117,6 +119,7 @@ class NodeAgent:
         self.dns_options: DnsOptions | None = None
         self.error: str | None = None
         self.error_shown: str | None = None
+        self.info_balanced: frozenset[str] = frozenset()   # agent.balanced as the record shows it
         self.remote: dict[tuple[str, str], dict] = {}     # other nodes' reports
         self.connections = established_connections      # (pid, addresses) -> connections served
         # every kick of the agent (a task changed state, or started listening) is a report to
@@ -124,6 +127,7 @@ class NodeAgent:
         sup, kick = agent.sup, agent.kick
         sup.on_change = agent.kick = lambda: (kick(), self.status_dirty.set())
         agent.readiness = self.readiness
+        agent.on_synced = self.status_dirty.set          # the node record shows agent.balanced
 
     # -- adoption ----------------------------------------------------------------------------
     async def adopt(self) -> list[str]:
@@ -150,9 +154,10 @@ class NodeAgent:
 
     async def _put_info(self) -> None:
         info = replace(self.info, agent_pid=os.getpid(), error=self.error, applied=self.acked,
-                       failed=self.failed if self.error else 0)
+                       failed=self.failed if self.error else 0,
+                       balanced=tuple(sorted(self.agent.balanced)))
         await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
-        self.error_shown = self.error
+        self.error_shown, self.info_balanced = self.error, frozenset(info.balanced)
 
     async def keep_registered(self) -> None:
         while True:
@@ -306,6 +311,8 @@ class NodeAgent:
         for name in [n for n in self.reported if n not in want]:
             await self.store.delete(status_key(self.node, name))
             del self.reported[name]
+        if self.info_balanced != self.agent.balanced:
+            await self._put_info()
 
     async def resync(self) -> None:
         """The balancers' periodic repair, as the daemon's (mesh.daemon.resync_forever calls it)."""

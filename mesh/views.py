@@ -10,7 +10,9 @@ PSEUDO_NETWORKS = ({"name": "host", "driver": "host", "subnet": None, "gateway":
                     "internal": False, "builtin": True, "tasks": []})
 
 
-def task_view(task: TaskState, status: dict, desired: DesiredState) -> dict:
+def task_view(task: TaskState, status: dict, desired: DesiredState, waiting: str | None = None) -> dict:
+    """A task as the API shows it; `waiting`: what keeps it, running, from new connections
+    (mesh.controller.Controller.waiting)."""
     ports = [f"{p.host_ip + ':' if p.host_ip else ''}{p.published}->{p.target}/{p.protocol}"
              for p in desired.publications if p.service == task.service]
     return {
@@ -27,7 +29,7 @@ def task_view(task: TaskState, status: dict, desired: DesiredState) -> dict:
                                  "gateway": e.default_gateway} for e in task.endpoints},
         "environment": dict(task.environment), "command": list(task.command),
         "restart": task.restart, "workdir": task.workdir,
-        "healthcheck": _healthcheck_view(task),
+        "healthcheck": _healthcheck_view(task), "waiting": waiting,
     }
 
 

@@ -119,6 +119,33 @@ def test_no_failed_request_while_a_placement_change_moves_every_task(lab):
     assert result["ok"] > 20, result
 
 
+FIRST = """
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2}
+    ports: ["8080:80"]
+  client:
+    command: sleep 300
+    deploy: {mode: global}
+"""
+
+
+def test_every_node_answers_the_first_connection_once_mesh_up_returns(lab):
+    """`mesh up` returns when every task listens and every node's balancers send to it: on a
+    fresh lab, the first connection to each node, without a retry, answers (four rounds)."""
+    for round_ in range(4):
+        up(lab, FIRST)
+        addr = nodes(lab)
+        for node in ("n1", "n2", "n3"):
+            once = sh(["curl", "-sS", "--max-time", "2", f"http://{addr[node]}:8080/"], lab.host,
+                      check=False)
+            assert once.returncode == 0 and once.stdout.startswith("host="), (round_, node, once.stderr)
+        waiting = [t["waiting"] for t in lab.json("ps")]
+        assert waiting == [None] * 5, waiting
+        lab.mesh("down")
+
+
 HEALTH = """
 services:
   web:

@@ -362,6 +362,7 @@ class FakeAgent:
         self.applies = []
         self.kicks = 0
         self.readiness = None
+        self.balanced, self.on_synced = frozenset(), None
 
     def kick(self):
         self.kicks += 1
@@ -431,6 +432,13 @@ async def test_node_agent_registers_applies_reports_and_leaves(tmp_path):
     same = await store.put(DESIRED, encode(ClusterDoc(desired=desired, stack=stack, serial=9)))
     assert await acknowledged(same)
     assert len(agent.applies) == n_applies             # nothing of this node changed: no apply
+    agent.balanced = frozenset(mine)                   # a data-plane sync: the record shows it
+    agent.on_synced()
+    for _ in range(200):
+        if decode(NodeInfo, (await store.get(NODES + "n1")).value).balanced == tuple(mine):
+            break
+        await asyncio.sleep(0.01)
+    assert decode(NodeInfo, (await store.get(NODES + "n1")).value).balanced == tuple(mine)
     revision = await store.put(DESIRED, encode(ClusterDoc(
         desired=replace(desired, draining=frozenset([mine[0]])), stack=stack, serial=10)))
     assert await acknowledged(revision)

@@ -1,0 +1,50 @@
+"""What keeps a running task from new connections through every node (mesh.controller
+Controller.waiting), pure: `mesh up` waits until nothing does, so the first connection to any node
+answers once it returns. Kernel test: test_lb.py
+(test_every_node_answers_the_first_connection_once_mesh_up_returns)."""
+from mesh.codec import NodeInfo
+from mesh.controller import Controller
+from mesh.manager import ClusterController
+from mesh.readiness import Readiness
+from mesh.state import DesiredState, TaskState
+
+
+def task(name: str, node: str) -> TaskState:
+    return TaskState(name=name, id=name, service=name.split(".")[0], slot=1, netmode="sandbox",
+                     sandbox=f"mesh-{name}", owns_sandbox=True, hostname=name, node=node)
+
+
+class Seen(Controller):
+    """A controller whose readiness and nodes' balancers are given (no agents)."""
+    def __init__(self, ready: Readiness, balancers: dict[str, frozenset[str]]):
+        super().__init__([], None, None)
+        self.ready, self.balancers = ready, balancers
+
+    def readiness(self) -> Readiness:
+        return self.ready
+
+    def _balancers(self) -> dict[str, frozenset[str]]:
+        return self.balancers
+
+
+def test_a_ready_task_waits_for_its_ports_then_for_every_nodes_balancers():
+    ready = Readiness(ready={"web.1", "web.2", "db.1"}, alive={"web.1", "web.2", "db.1", "old.1"},
+                      missing={"web.2": (frozenset({80}), frozenset({80, 81}))})
+    ctl = Seen(ready, {"n1": frozenset({"web.1", "db.1"}), "n2": frozenset({"db.1"})})
+    ctl.desired = DesiredState(tasks={t.name: t for t in (
+        task("web.1", "n1"), task("web.2", "n1"), task("db.1", "n2"), task("old.1", "n2"))})
+    assert ctl.waiting() == {"web.1": "not in the balancers of n2 yet",
+                             "web.2": "not listening on 80/tcp yet"}
+    # old.1 runs but is not ready (its health says why); db.1 is everywhere
+    ctl.balancers["n2"] = frozenset({"db.1", "web.1", "web.2"})
+    ctl.ready.missing.clear()
+    assert ctl.waiting() == {"web.2": "not in the balancers of n1 yet"}
+    ctl.desired = DesiredState(tasks=ctl.desired.tasks, draining=frozenset({"web.2"}))
+    assert ctl.waiting() == {}                       # a draining task waits for nothing
+
+
+def test_a_cluster_reads_each_ready_nodes_balancers_from_its_record():
+    ctl = ClusterController(None, "m1")
+    ctl.live = {"n1": NodeInfo("n1", "10.0.0.1", balanced=("web.1",)),
+                "n2": NodeInfo("n2", "10.0.0.2", state="down", balanced=())}
+    assert ctl._balancers() == {"n1": frozenset({"web.1"})}
