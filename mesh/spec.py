@@ -24,8 +24,8 @@ from pydantic import BaseModel, ValidationError
 from mesh.errors import SpecError
 from mesh.interpolate import interpolate, join_path
 from mesh.model import DnsOptions, IpamConfig, Network, Stack
-from mesh.spec_build import Builder, as_lists, project_name, service_from_dict
-from mesh.spec_models import StackSpec
+from mesh.spec_build import SERVICE_EXTENSIONS, Builder, as_lists, project_name, service_from_dict
+from mesh.spec_models import ServiceSpec, StackSpec
 from mesh.spec_ports import show
 
 __all__ = ["load_stack", "load_stack_file", "stack_to_dict", "stack_from_dict"]
@@ -143,8 +143,12 @@ def _loc_path(loc: tuple) -> str:
 
 
 def _ignored_fields(node: object, path: str = "") -> list[str]:
-    """Paths of every field the models did not declare, x-* extensions excepted."""
+    """Paths of every field the models did not declare, x-* extensions excepted, and the keys of a
+    service's x-mesh that mesh does not read (a typo there would silently change nothing)."""
     out: list[str] = []
+    if isinstance(node, ServiceSpec) and isinstance(node.x_mesh, dict):
+        out += [join_path(join_path(path, "x-mesh"), k) for k in node.x_mesh
+                if k not in SERVICE_EXTENSIONS]
     if isinstance(node, BaseModel):
         out += [join_path(path, k) for k in (node.model_extra or {}) if not str(k).startswith("x-")]
         for field, info in type(node).model_fields.items():

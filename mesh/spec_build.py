@@ -23,6 +23,10 @@ from mesh.spec_models import (CONSTRAINT_RE, ENV_KEY_RE, NAME_RE, NAME_RULE, NO_
 
 # ---- semantic checks: the validated models -> mesh.model --------------------------------------
 
+# the keys of a service's x-mesh that mesh reads
+SERVICE_EXTENSIONS = ("affinity", "drain_timeout", "ingress", "preserve_client_ip")
+
+
 class Builder:
     """Cross-field and cross-reference checks while building the dataclasses; problems collected."""
 
@@ -156,7 +160,8 @@ class Builder:
             dns=self.dns(spec.dns, f"{path}.dns"))
 
     def service_extensions(self, x_mesh: dict, path: str) -> dict:
-        """A service's `x-mesh`: the keys mesh reads are checked; other keys are kept as they are."""
+        """A service's `x-mesh`: the keys mesh reads (SERVICE_EXTENSIONS) are checked; other keys
+        are kept as they are (mesh.spec names them in its ignored-fields warning)."""
         out = _json_safe(x_mesh)
         affinity = out.get("affinity")
         if affinity is not None and affinity not in ("client-ip", "none"):

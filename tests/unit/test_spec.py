@@ -45,7 +45,7 @@ FULL = """
           retries: 5
         deploy:
           placement: {constraints: [node.role==manager], max_replicas_per_node: 1}
-        x-mesh: {weight: 3, tags: [a, b]}
+        x-mesh: {affinity: client-ip, drain_timeout: 3}
       api:
         command: [sleep, infinity]
         networks: [back]
@@ -80,7 +80,7 @@ def test_full_stack_is_read_field_by_field_and_survives_json():
     assert web.environment == {"LEVEL": "debug", "WORKERS": "4", "STRICT": "true"}
     assert web.healthcheck == Healthcheck(("curl", "-f", "http://localhost/"), interval=5.0, retries=5)
     assert web.placement == Placement(("node.role==manager",), 1)
-    assert web.extensions == {"weight": 3, "tags": ["a", "b"]}
+    assert web.extensions == {"affinity": "client-ip", "drain_timeout": 3}
     assert api.links == (Link("db", "database"),) and api.replicas == 3 and api.endpoint_mode == "dnsrr"
     assert db.network_mode == "bridge" and db.networks == () and db.restart == "on-failure"
     assert stack.networks["back"] == Network("back", internal=True, ipam=(
@@ -305,7 +305,7 @@ def test_values_are_substituted_but_keys_are_not():
 
 # ---- warnings -----------------------------------------------------------------------------------
 
-def test_ignored_fields_make_one_warning_and_extensions_none():
+def test_ignored_fields_and_x_mesh_keys_mesh_does_not_read_make_one_warning():
     stack = load("""
         version: "3"
         x-defaults: {a: 1}
@@ -322,7 +322,8 @@ def test_ignored_fields_make_one_warning_and_extensions_none():
           front: {name: real-front, foo: 1}
         volumes: {data: {}}
         """)
-    assert stack.warnings == ("ignored fields (mesh does not use them): volumes, services.web.image, "
+    assert stack.warnings == ("ignored fields (mesh does not use them): volumes, services.web.x-mesh.k, "
+                              "services.web.image, "
                               "services.web.volumes, services.web.networks.front.priority, "
                               "services.web.deploy.resources, networks.front.name, networks.front.foo",)
 
