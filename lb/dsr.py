@@ -76,6 +76,7 @@ class DsrPort:
     local: tuple[str, ...] = ()                 # this node's task addresses taking new connections
     affinity: bool = False
     dsr: bool = True                            # False: an ingress port of the NAT routing mesh
+    host_ip: str | None = None                  # published on this address only (NAT ports)
 
     @property
     def handed_over(self) -> bool:
@@ -129,7 +130,7 @@ def build_dsr(desired: DesiredState, node: str, rd: Readiness, device: str,
     ports = []
     for p in pubs:
         if not wants_dsr(desired, p.service):
-            ports.append(DsrPort(p.protocol, p.published, p.target, dsr=False))
+            ports.append(DsrPort(p.protocol, p.published, p.target, dsr=False, host_ip=p.host_ip))
             continue
         tasks = [t for t in desired.tasks.values() if t.service == p.service]
         buckets, nodes, local = [], set(), []

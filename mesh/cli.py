@@ -153,14 +153,28 @@ def _print_summary(api: Api, lab: int) -> None:
     for svc in services:
         on = {t["node"] for t in svc["tasks"] if t["state"] == "running"}
         for p in svc.get("published", []):
-            where = [n["address"] for n in nodes if p["mode"] == "ingress" or n["name"] in on] \
-                if nodes else ["every address of the host"]
             mode = p["mode"] + (" (dsr)" if p.get("dsr") and nodes else "")
             rows.append([svc["name"], f'{p["published"]}/{p["protocol"]}', p["target"], mode,
-                         " ".join(f'{a}:{p["published"]}' for a in where) if nodes else where[0]])
+                         _answers_on(p, nodes, on)])
     if rows:
         print()
         print(_table(rows, ["SERVICE", "PUBLISHED", "TARGET", "MODE", "ANSWERS ON"]))
+
+
+def _answers_on(port: dict, nodes: list[dict], on: set) -> str:
+    """Where a published port answers: every node (ingress) or the nodes running a task (host),
+    on the one address it is published on (host_ip) if it has one."""
+    published, host_ip = port["published"], port.get("host_ip")
+    if not nodes:
+        return f"{host_ip}:{published}" if host_ip else "every address of the host"
+    where = [n for n in nodes if port["mode"] == "ingress" or n["name"] in on]
+    if not host_ip:
+        return " ".join(f'{n["address"]}:{published}' for n in where)
+    owner = [n for n in where if n["address"] == host_ip]
+    if owner or any(n["address"] == host_ip for n in nodes):
+        return f"{host_ip}:{published}" if owner else "nowhere (its node runs no task)"
+    return f"{host_ip}:{published} on " + ("every node" if port["mode"] == "ingress" else
+                                           " ".join(n["name"] for n in where) or "no node")
 
 
 def cmd_down(args, api: Api) -> int:

@@ -73,7 +73,8 @@ def _dsr(plan: DsrPlan | None) -> tuple[list[str], list[str], list[str]]:
            "jump dsr"]
     chain = []
     for p in plan.ports:
-        match = f"meta l4proto {p.protocol} th dport {p.port}"
+        match = (f"ip daddr {p.host_ip} " if p.host_ip else "") + \
+            f"meta l4proto {p.protocol} th dport {p.port}"
         if p.dsr and p.local:
             seed = seed_of(f"{p.protocol}/{p.port}") if p.affinity else None
             chain.append(_dnat_to(match, p.local, p.target, seed))

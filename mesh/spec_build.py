@@ -189,6 +189,9 @@ class Builder:
         if extensions.get("preserve_client_ip") is False:
             self.error(f"{path}.ingress", "dsr always keeps the client's address: it cannot go "
                                           "with preserve_client_ip: false")
+        if any(p.mode == "ingress" and p.host_ip for p in ports):
+            self.error(f"{path}.ingress", "dsr hands a port over on every node's own address: it "
+                                          "cannot go with a port published on one address (host_ip)")
 
     def check_deploy(self, path: str, spec: ServiceSpec, deploy: DeploySpec) -> None:
         replicas = deploy.replicas if deploy.replicas is not None else 1

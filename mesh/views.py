@@ -72,7 +72,7 @@ def service_list(desired: DesiredState, status) -> list[dict]:
                              for p in desired.publications if p.service == name}),
             "vips": {n: a for s, n, a in desired.vips if s == name},
             "published": [{"published": p.published, "target": p.target, "protocol": p.protocol,
-                           "mode": p.mode,
+                           "mode": p.mode, "host_ip": p.host_ip,
                            "dsr": p.mode == "ingress" and wants_dsr(desired, name)}
                           for p in desired.publications if p.service == name],
             "tasks": [{"name": t.name, "node": t.node or None, "state": states[t.name],

@@ -35,6 +35,10 @@ services:
     deploy: {replicas: 3}
     ports: ["8083:83"]
     x-mesh: {affinity: client-ip}
+  local:
+    command: "@ECHO@ 84"
+    deploy: {placement: {constraints: ["node.hostname==n1"]}}
+    ports: ["127.0.0.1:8084:84"]
   dgram:
     command: "@ECHO@ 90 udp"
     deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
@@ -67,6 +71,10 @@ def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
     assert curl(f"http://{addr['n3']}:8081/", lab.host).strip().endswith(f"client={HOST_ADDRESS}")
     assert no_connect(f"http://{addr['n1']}:8081/", lab.host)
     assert no_connect(f"http://{addr['n2']}:8081/", lab.host)
+    # a port published on 127.0.0.1 answers there on every node (n3 runs no task), never on a
+    # node's address from outside
+    assert curl("http://127.0.0.1:8084/", f"{lab.host}-n3").startswith("host=")
+    assert all(no_connect(f"http://{addr[n]}:8084/", lab.host) for n in ("n1", "n2", "n3"))
     # preserve_client_ip: false -> the task sees the ingress namespace's address instead
     masq = curl(f"http://{addr['n1']}:8082/", lab.host).strip()
     assert masq.startswith("host=") and not masq.endswith(f"client={HOST_ADDRESS}"), masq

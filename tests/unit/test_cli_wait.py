@@ -1,9 +1,10 @@
 """`mesh up`'s wait for readiness (mesh.cli._wait_ready), pure: the stack going away while it waits
-is an error, not an empty summary. The kernel test (tests/kernel/test_lifecycle.py) stops a daemon
+is an error, not an empty summary; a running task waits for what the API says it waits for (its
+ports, every node's balancers). Where its summary says a published port answers (_answers_on). The kernel test (tests/kernel/test_lifecycle.py) stops a daemon
 while mesh up waits; there the daemon is often gone before the empty answer this one fakes."""
 import pytest
 
-from mesh.cli import _wait_ready
+from mesh.cli import _answers_on, _wait_ready
 from mesh.errors import MeshError
 
 
@@ -30,3 +31,27 @@ def test_a_stack_that_goes_away_while_mesh_up_waits_is_an_error():
 def test_a_stack_that_gets_ready_ends_the_wait_and_an_empty_stack_is_no_error():
     _wait_ready(Answers(WAITING, READY), 5)
     _wait_ready(Answers([]), 5, expect_tasks=False)
+
+
+def test_a_running_task_keeps_mesh_up_waiting_until_every_node_balances_it(capsys):
+    lagging = [{**READY[0], "waiting": "not in the balancers of n2 yet"}]
+    answers = Answers(WAITING, lagging, lagging, [{**READY[0], "waiting": None}])
+    _wait_ready(answers, 5)
+    assert answers.answers == [[{**READY[0], "waiting": None}]]      # it asked until the last
+    assert "(waiting: web.1 not in the balancers of n2 yet)" in capsys.readouterr().err
+
+
+NODES = [{"name": "n1", "address": "10.97.0.1"}, {"name": "n2", "address": "10.97.0.2"}]
+
+
+def test_the_summary_names_where_a_port_answers_with_its_host_ip():
+    ingress = {"published": 8080, "mode": "ingress", "host_ip": None}
+    assert _answers_on(ingress, NODES, set()) == "10.97.0.1:8080 10.97.0.2:8080"
+    assert _answers_on(ingress, [], set()) == "every address of the host"
+    local = {**ingress, "host_ip": "127.0.0.1"}
+    assert _answers_on(local, [], set()) == "127.0.0.1:8080"
+    assert _answers_on(local, NODES, set()) == "127.0.0.1:8080 on every node"
+    assert _answers_on({**local, "mode": "host"}, NODES, {"n2"}) == "127.0.0.1:8080 on n2"
+    assert _answers_on({**ingress, "host_ip": "10.97.0.2"}, NODES, set()) == "10.97.0.2:8080"
+    assert _answers_on({**ingress, "host_ip": "10.97.0.2", "mode": "host"}, NODES, {"n1"}) == \
+        "nowhere (its node runs no task)"

@@ -132,12 +132,25 @@ def test_the_host_table_dnats_arrivals_to_local_tasks_else_to_the_ingress_namesp
     assert "jump dsr" not in render_host_table(d, None)
 
 
+def test_a_port_published_on_one_address_is_dnatted_on_arrival_only_when_sent_to_it():
+    stack = {"services": {**STACK["services"], "plain": {"command": "x", "ports": ["127.0.0.1:9000:90"]},
+                          "node1": {"command": "x", "ports": ["10.97.0.1:9001:91"]}}}
+    d = desired(stack=stack)
+    text = render_host_table(d, build_dsr(d, "n2", Readiness(set(ALL), set(ALL)), "eth0", 24))
+    dsr_chain = text.split("chain dsr {")[1].split("}")[0]
+    assert f"ip daddr 127.0.0.1 meta l4proto tcp th dport 9000 dnat to {INGRESS_LOCAL}:9000" in dsr_chain
+    assert f"ip daddr 10.97.0.1 meta l4proto tcp th dport 9001 dnat to {INGRESS_LOCAL}:9001" in dsr_chain
+    assert "\n    meta l4proto tcp th dport 9000" not in dsr_chain
+
+
 @pytest.mark.parametrize("x_mesh, port, message", [
     ({"ingress": "direct"}, "8080:80", "expected dsr or nat, got 'direct'"),
     ({"ingress": "dsr"}, {"target": 80, "published": 8080, "mode": "host"},
      "dsr applies to ports published in ingress mode; this service publishes none"),
     ({"ingress": "dsr", "preserve_client_ip": False}, "8080:80",
      "dsr always keeps the client's address"),
+    ({"ingress": "dsr"}, "127.0.0.1:8080:80",
+     "dsr hands a port over on every node's own address: it cannot go with a port published on one"),
 ])
 def test_the_stack_says_clearly_where_dsr_is_asked_wrongly(x_mesh, port, message):
     stack = {"services": {"web": {"command": "x", "ports": [port], "x-mesh": x_mesh}}}
