@@ -2,7 +2,7 @@
 the published ports from the test's host namespace (on the lab's underlay link, HOST_ADDRESS) with
 curl and Python sockets, and run a client loop while the stack changes.
 
-    up(lab, STACK)                  # @ECHO@ in STACK is the echo server; 3 nodes
+    up(lab, STACK)                  # @ECHO@ in STACK is the echo server; 3 nodes (nodes=N)
     spread(f"http://{nodes(lab)['n2']}:8080/", lab.host, hostnames(lab, "web"))
     result = churn(lab, url, STACK, "replicas: 2")   # a client loop (tests/loadloop.py) meanwhile
     with client_loop(lab, url) as result:           # the same around any change
@@ -10,18 +10,20 @@ curl and Python sockets, and run a client loop while the stack changes.
 """
 import contextlib
 import json
+import os
 import subprocess
 import time
 
 from labkit import ROOT, SYSTEM_PYTHON, curl, sh
 
 HOST_ADDRESS = "10.97.0.254"      # the test's host namespace on the lab's underlay
+UP_TIMEOUT = 600 if os.environ.get("MESH_VM_GUEST") == "1" else 120   # the VM emulates its CPU
 
 
-def up(lab, text: str, *extra: str):
+def up(lab, text: str, *extra: str, nodes: int = 3):
     path = lab.tmp / f"stack-{time.monotonic_ns()}.yaml"
     path.write_text(text.replace("@ECHO@", lab.echo))
-    return lab.mesh("up", "-f", str(path), "--nodes", "3", *extra)
+    return lab.mesh("up", "-f", str(path), "--nodes", str(nodes), *extra, timeout=UP_TIMEOUT)
 
 
 def nodes(lab) -> dict[str, str]:
@@ -67,7 +69,8 @@ def client_loop(lab, url: str):
     """A client loop (tests/loadloop.py: a new connection to `url` every 20 ms) runs 0.5 s before,
     during and 0.5 s after the block; the dict yielded holds its result ({"ok", "failed",
     "errors", "hosts"}) once the block is over."""
-    stop, out = lab.tmp / "stop", lab.tmp / "loop.json"
+    run = time.monotonic_ns()            # files of their own: a test may run several loops
+    stop, out = lab.tmp / f"stop-{run}", lab.tmp / f"loop-{run}.json"
     proc = subprocess.Popen(["ip", "netns", "exec", lab.host, SYSTEM_PYTHON,
                              str(ROOT / "tests" / "loadloop.py"), url, str(stop), str(out)])
     result: dict = {}
@@ -81,16 +84,24 @@ def client_loop(lab, url: str):
         result.update(json.loads(out.read_text()))
 
 
-def churn(lab, url: str, stack: str, replicas: str) -> dict:
+def churn(lab, url: str, stack: str, replicas: str, nodes: int = 3) -> dict:
     """The client loop's result while `web` of `stack` (with @GEN@ in its environment) scales to 5,
     then to 1, then is brought up twice with 3 replicas (`replicas` replaced), a new generation each
-    time, so every task is replaced."""
+    time, so every task is replaced. result["phases"]: when each step began (time.time(), as the
+    loop's errors are stamped)."""
+    phases = []
     with client_loop(lab, url) as result:
+        phases.append(("scale 5", time.time()))
         lab.mesh("service", "scale", "web=5")
         time.sleep(0.5)
+        phases.append(("scale 1", time.time()))
         lab.mesh("service", "scale", "web=1")
         time.sleep(0.5)
-        up(lab, stack.replace("@GEN@", "2").replace(replicas, "replicas: 3"))
+        phases.append(("generation 2", time.time()))
+        up(lab, stack.replace("@GEN@", "2").replace(replicas, "replicas: 3"), nodes=nodes)
         time.sleep(0.5)
-        up(lab, stack.replace("@GEN@", "3").replace(replicas, "replicas: 3"))
+        phases.append(("generation 3", time.time()))
+        up(lab, stack.replace("@GEN@", "3").replace(replicas, "replicas: 3"), nodes=nodes)
+        phases.append(("done", time.time()))
+    result["phases"] = [f"{t:.3f} {name}" for name, t in phases]
     return result

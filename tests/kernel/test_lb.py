@@ -280,6 +280,7 @@ services:
     command: "@ECHO@ 80"
     deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
     ports: ["8080:80"]
+    environment: {GENERATION: "@GEN@"}
   client:
     command: sleep 600
     deploy: {placement: {constraints: ["node.hostname==n2"]}}
@@ -292,7 +293,7 @@ def test_the_routing_mesh_on_the_ipvs_backend(lab):
     """A 2-node lab with --lb ipvs: the ingress namespaces and the client's sandbox balance with
     IPVS fwmark services in masquerade mode; every node answers; the VIP balances from a task."""
     path = lab.tmp / "ipvs.yaml"
-    path.write_text(IPVS_LAB.replace("@ECHO@", lab.echo))
+    path.write_text(IPVS_LAB.replace("@ECHO@", lab.echo).replace("@GEN@", "1"))
     lab.mesh("up", "-f", str(path), "--nodes", "2", "--lb", "ipvs", timeout=600)
     assert lab.json("node", "ls")       # the daemon runs
     addr = nodes(lab)
@@ -310,3 +311,21 @@ def test_the_routing_mesh_on_the_ipvs_backend(lab):
     out = lab.exec("client.1", "sh", "-c", "for i in 1 2 3 4 5 6 7 8; do curl -sS --max-time 5 "
                    "http://web/; done", timeout=300).stdout
     assert {line.split()[0][5:] for line in out.splitlines() if line} == web_hosts, out
+
+
+@pytest.mark.skipif(not kernel_has_ipvs(), reason="this kernel has no ip_vs; run it in the VM by "
+                    "hand (tests/vm/run.py -- this test): it takes ~10 min under emulation")
+def test_no_failed_request_on_the_ipvs_backend_while_web_scales_is_replaced_and_moves(lab):
+    """The churn and the placement change of the nftables tests above, on a 2-node lab with --lb
+    ipvs: a client loop through n2 (no replica until the move) sees no failed request."""
+    lab.env["MESH_LB"] = "ipvs"
+    up(lab, IPVS_LAB.replace("@GEN@", "1"), nodes=2)
+    url = f"http://{nodes(lab)['n2']}:8080/"
+    result = churn(lab, url, IPVS_LAB, "replicas: 2", nodes=2)
+    assert result["failed"] == 0, (result["errors"], result["phases"])
+    assert result["ok"] > 20 and len(result["hosts"]) >= 3, result
+    moved = IPVS_LAB.replace("@GEN@", "3").replace("replicas: 2", "replicas: 3")
+    with client_loop(lab, url) as result:
+        up(lab, moved.replace("hostname==n1", "hostname==n2"), nodes=2)
+    assert {t["node"] for t in lab.json("ps") if t["service"] == "web"} == {"n2"}
+    assert result["failed"] == 0 and result["ok"] > 20, result
