@@ -62,6 +62,7 @@ def cmd_up(args, api: Api) -> int:
         return 0
     _wait_ready(api, args.wait, bool(data["tasks"]))
     _print_summary(api, args.nodes)
+    _warn_not_running(api)
     return 0
 
 
@@ -115,6 +116,17 @@ def _not_ready(task: dict) -> str | None:
     return task.get("waiting")
 
 
+def _warn_not_running(api: Api) -> None:
+    """After the summary, on stderr: tasks that exited with an error and tasks no node can run."""
+    for t in api.checked("GET", "/v1/tasks"):
+        if t["state"] == "exited" and t.get("exit_code"):
+            print(f"mesh: warning: {t['name']} exited with code {t['exit_code']} "
+                  f"(mesh logs {t['name']} may say why)", file=sys.stderr)
+    for svc in api.checked("GET", "/v1/services"):
+        for p in svc.get("pending", []):
+            print(f"mesh: warning: {p['name']} is pending: {p['reason']}", file=sys.stderr)
+
+
 def _wait_ready(api: Api, timeout: float, expect_tasks: bool = True) -> None:
     """Progress on stderr until every task runs (and is healthy, if checked), or `timeout`; an
     error when the stack goes away meanwhile (the daemon stopped, or a mesh down ran)."""
@@ -125,7 +137,9 @@ def _wait_ready(api: Api, timeout: float, expect_tasks: bool = True) -> None:
             raise MeshError("the stack went away while mesh up waited for it: the daemon was "
                             "stopped or mesh down ran")
         waiting = {t["name"]: w for t in tasks if (w := _not_ready(t))}
-        line = f"mesh: {len(tasks) - len(waiting)}/{len(tasks)} tasks ready" + (
+        exited = sum(t["state"] == "exited" for t in tasks)     # done: not waited for
+        line = f"mesh: {len(tasks) - len(waiting) - exited}/{len(tasks)} tasks ready" + (
+            f", {exited} exited" if exited else "") + (
             " (waiting: " + ", ".join(f"{n} {w}" for n, w in sorted(waiting.items())[:6]) +
             (", ..." if len(waiting) > 6 else "") + ")" if waiting else "")
         if line != last:

@@ -42,7 +42,7 @@ def cluster(lab):
     path = lab.tmp / "cluster.yaml"
     lab.write = lambda web: path.write_text(STACK.format(web=web).replace("@ECHO@", lab.echo))
     lab.write(3)
-    lab.mesh("up", "-f", str(path), "--nodes", "3")
+    lab.first_up = lab.mesh("up", "-f", str(path), "--nodes", "3")
     lab.stack_path = str(path)
     return lab
 
@@ -65,6 +65,8 @@ def test_nodes_spread_global_constraints_and_pending(cluster):
     ps = json.loads(lab.mesh("service", "ps", "nowhere", "--json").stdout)
     assert ps["tasks"] == [] and "node.labels.zone==mars" in ps["pending"][0]["reason"]
     assert "pending" in lab.mesh("service", "ps", "nowhere").stdout
+    assert "mesh: warning: nowhere.1 is pending: no node satisfies node.labels.zone==mars" in \
+        lab.first_up.stderr, lab.first_up.stderr
 
 
 def test_the_lab_runs_a_manager_and_an_agent_per_node_on_the_embedded_store(cluster):

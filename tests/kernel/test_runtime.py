@@ -5,7 +5,7 @@ from labkit import wait_for
 
 
 def test_logs_restart_policies_and_exit_codes(lab):
-    lab.up("""
+    stack = """
 services:
   once:
     command: sh -c 'echo hello from once; exit 3'
@@ -18,7 +18,8 @@ services:
   clean:
     command: sh -c 'echo done; exit 0'
     restart: on-failure
-""", "--wait", "0")                                   # tasks that restart forever: never all ready
+"""
+    lab.up(stack, "--wait", "0")                      # tasks that restart forever: never all ready
     once = wait_for(lambda: (t := lab.task("once.1"))["state"] == "exited" and t)
     assert once["exit_code"] == 3 and once["restarts"] == 0
     assert lab.mesh("logs", "once.1").stdout == "hello from once\n"
@@ -28,6 +29,9 @@ services:
     assert wait_for(lambda: lab.task("steady.1")["restarts"] >= 2)
     clean = wait_for(lambda: (t := lab.task("clean.1"))["state"] == "exited" and t)
     assert clean["exit_code"] == 0 and clean["restarts"] == 0
+    again = lab.up(stack, "--wait", "0").stderr      # mesh up names the task that failed, only it
+    assert "mesh: warning: once.1 exited with code 3 (mesh logs once.1 may say why)" in again, again
+    assert "clean.1" not in again, again
     missing = lab.mesh("logs", "nope.1", check=False)
     assert missing.returncode == 1 and "no task named 'nope.1'" in missing.stderr
 

@@ -4,7 +4,7 @@ ports, every node's balancers). Where its summary says a published port answers 
 while mesh up waits; there the daemon is often gone before the empty answer this one fakes."""
 import pytest
 
-from mesh.cli import _answers_on, _wait_ready
+from mesh.cli import _answers_on, _wait_ready, _warn_not_running
 from mesh.errors import MeshError
 
 
@@ -55,3 +55,25 @@ def test_the_summary_names_where_a_port_answers_with_its_host_ip():
     assert _answers_on({**ingress, "host_ip": "10.97.0.2"}, NODES, set()) == "10.97.0.2:8080"
     assert _answers_on({**ingress, "host_ip": "10.97.0.2", "mode": "host"}, NODES, {"n1"}) == \
         "nowhere (its node runs no task)"
+
+
+class Api:
+    """GET answers by path."""
+    def __init__(self, **by_path):
+        self.by_path = by_path
+
+    def checked(self, method, path, body=None):
+        return self.by_path[path.rsplit("/", 1)[1]]
+
+
+def test_mesh_up_names_tasks_that_exited_with_an_error_and_pending_ones(capsys):
+    tasks = [{**READY[0]}, {"name": "job.1", "state": "exited", "exit_code": 0, "health": "none"},
+             {"name": "nc.1", "state": "exited", "exit_code": 127, "health": "none"}]
+    _wait_ready(Answers(tasks), 5)
+    assert "mesh: 1/3 tasks ready, 2 exited" in capsys.readouterr().err
+    services = [{"name": "bc", "pending": [{"name": "bc.1", "reason": "no node satisfies "
+                                            "node.hostname==n9"}]}]
+    _warn_not_running(Api(tasks=tasks, services=services))
+    assert capsys.readouterr().err.splitlines() == [
+        "mesh: warning: nc.1 exited with code 127 (mesh logs nc.1 may say why)",
+        "mesh: warning: bc.1 is pending: no node satisfies node.hostname==n9"]
