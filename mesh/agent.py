@@ -98,6 +98,9 @@ class Agent:
         supervisor.on_change = self.kick
         self.applied = DesiredState()
         self.created_host = False
+        # a file that remembers, across a killed daemon, that this agent made its host namespace
+        # (mesh.sweep then removes it too); None: nothing to remember (a lab's node agents)
+        self.made_marker: str | None = None
         self.created_vlans: set[str] = set()
         self.lock = asyncio.Lock()
 
@@ -241,7 +244,9 @@ class Agent:
             self._host_gone(old)
             return
         if desired.networks and self.host:
-            self.created_host |= self.nl.ensure_netns(self.host)
+            if self.nl.ensure_netns(self.host):
+                self.created_host = True
+                self._remember_made_host(True)
         if desired.networks and not old.networks:
             self.nl.sysctl(self.host, "net.ipv4.ip_forward", "1")
         for net in desired.networks.values():
@@ -445,3 +450,13 @@ class Agent:
             if self.created_host and self.host:
                 await asyncio.to_thread(self.nl.delete_netns, self.host)
                 self.created_host = False
+                self._remember_made_host(False)
+
+    def _remember_made_host(self, made: bool) -> None:
+        if self.made_marker is None:
+            return
+        if made:
+            os.makedirs(os.path.dirname(self.made_marker), exist_ok=True)
+            open(self.made_marker, "w").close()
+        elif os.path.exists(self.made_marker):
+            os.unlink(self.made_marker)

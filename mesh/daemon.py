@@ -27,7 +27,7 @@ from mesh.etcfiles import upstream_servers
 from mesh.lb.base import make_lb, resolve_choice
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
-from mesh.paths import Paths
+from mesh.paths import MADE_HOST_MARKER, Paths
 from mesh.runtime import Supervisor
 
 log = logging.getLogger("mesh.daemon")
@@ -59,7 +59,11 @@ class OneHost:
 
     def __init__(self, host_netns: str | None, paths: Paths, lb: str):
         nl = Netlink()
-        self.ctl = Controller([node_agent(host_netns, "", nl, NftCli(), paths, lb)], nl, host_netns)
+        agent = node_agent(host_netns, "", nl, NftCli(), paths, lb)
+        # the host namespace it makes goes with `mesh down`, also after a killed daemon
+        agent.made_marker = os.path.join(paths.root, MADE_HOST_MARKER)
+        agent.created_host = bool(host_netns) and os.path.exists(agent.made_marker)
+        self.ctl = Controller([agent], nl, host_netns)
         self.ctl.lb_name = lb
         self.ping = {"nodes": 0}
         self.middlewares = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from mesh.names import scope_of
 
-MADE_HOST_MARKER = "made-host-netns"    # in a run dir: the lab made the host namespace (mesh.cluster)
+MADE_HOST_MARKER = "made-host-netns"    # in a run dir: the daemon made the host namespace (mesh.cluster, a single host's agent)
 
 
 @dataclass(frozen=True)

@@ -177,21 +177,21 @@ def namespaces(prefix: str) -> list[str]:
             if line.startswith(prefix)]
 
 
-def test_a_host_namespace_the_lab_made_goes_with_it_even_after_a_killed_daemon(lab):
-    host, mesh, pid_file = another_host(lab, "x")   # not made by the test: the lab makes it
+def test_a_host_namespace_mesh_made_goes_with_it_even_after_a_killed_daemon(lab):
+    """A lab's and a single host's: after kill -9, the next daemon or the sweep removes it."""
+    host, mesh, pid_file = another_host(lab, "x")   # not made by the test: mesh makes it
     path = lab.tmp / "small.yaml"
     path.write_text("services:\n  web:\n    command: sleep 300\n")
     try:
-        for finish in ("up again, then down", "down with no daemon (sweep)"):
-            mesh("up", "-f", str(path), "--nodes", "2")
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            if finish.startswith("up again"):
+        for nodes in (["--nodes", "2"], []):
+            for finish in ("up again, then down", "down with no daemon (sweep)"):
+                mesh("up", "-f", str(path), *nodes)
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
                 wait_for(lambda: mesh("ps", check=False).returncode != 0, what="the daemon gone")
-                mesh("up", "-f", str(path), "--nodes", "2")
-            else:
-                wait_for(lambda: mesh("ps", check=False).returncode != 0, what="the daemon gone")
-            mesh("down")
-            assert namespaces(host) == [], finish
+                if finish.startswith("up again"):
+                    mesh("up", "-f", str(path), *nodes)
+                mesh("down")
+                assert namespaces(host) == [], (nodes, finish)
     finally:
         mesh("down", check=False)
         sh(["ip", "netns", "del", host], check=False)
