@@ -124,8 +124,12 @@ def build_view(table: Table, marks: dict[str, int]) -> dict:
 
 
 def plan_ops(current: dict, desired: dict) -> list[Op]:
-    """The IPVS operations that turn `current` into `desired` (pure). Service deletions come last,
-    so the caller can remove the nft marks before the services they point to."""
+    """The IPVS operations that turn `current` into `desired` (pure). Within a service, backends
+    that come or take connections again go first, then those that drain, then those that leave:
+    the operations are one by one, and a service whose backends are replaced in one change must
+    not pass through a moment with none to take a connection (IPVS answers it with ICMP port
+    unreachable, a refused connection). Service deletions come last, so the caller can remove the
+    nft marks before the services they point to."""
     ops = []
     gone = [Op("del-service", sid) for sid in current if sid not in desired]
     for sid, want in desired.items():
@@ -135,14 +139,15 @@ def plan_ops(current: dict, desired: dict) -> list[Op]:
             have = KService(want.sched, want.flags)
         elif (have.sched, have.flags, have.timeout) != (want.sched, want.flags, want.timeout):
             ops.append(Op("set-service", sid, want.sched, want.flags))
-        for dest in have.dests:
-            if dest not in want.dests:
-                ops.append(Op("del-dest", sid, dest=dest))
+        draining = []
         for dest, (weight, fwd) in want.dests.items():
             if dest not in have.dests:
                 ops.append(Op("add-dest", sid, dest=dest, weight=weight))
             elif have.dests[dest] != (weight, fwd):
-                ops.append(Op("set-dest", sid, dest=dest, weight=weight))
+                step = Op("set-dest", sid, dest=dest, weight=weight)
+                (draining if weight < have.dests[dest][0] else ops).append(step)
+        ops += draining
+        ops += [Op("del-dest", sid, dest=dest) for dest in have.dests if dest not in want.dests]
     return ops + gone
 
 

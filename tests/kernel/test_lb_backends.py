@@ -12,10 +12,12 @@ The ipvs params skip on a kernel without ip_vs; inside the VM (make test-vm) the
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import secrets
 import socket
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -345,3 +347,50 @@ def test_h_no_active_backend_refuses_at_once(world, lb):
             t0 = time.monotonic()
             assert s.connect_ex(target) == errno.ECONNREFUSED, target
             assert time.monotonic() - t0 < 6, "refused only after a wait: a timeout, not a reject"
+
+
+ASK_LOOP = """
+import errno, json, os, socket, sys
+address, stop, results = sys.argv[1], sys.argv[2], {}
+while not os.path.exists(stop):
+    with socket.socket() as s:
+        s.settimeout(5)
+        code = s.connect_ex((address, 80))
+        try:
+            if code == 0:
+                s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                answer = b""
+                while chunk := s.recv(4096):
+                    answer += chunk
+                code = "answered" if b"host=" in answer else "no answer"
+        except OSError as exc:
+            code = exc.errno or type(exc).__name__
+    code = errno.errorcode.get(code, code)
+    results[code] = results.get(code, 0) + 1
+print(json.dumps(results))
+"""
+
+
+def test_i_replacing_every_backend_in_one_change_refuses_no_connection(world, lb, tmp_path):
+    """A client asking without a pause while the service's one backend is replaced, as mesh
+    replaces a task: one change adds the new backend and drains the old one, the next (once its
+    requests are answered) removes it. No request fails. IPVS changes backends one operation at a
+    time, so the new one must be added before the old one drains (a service with none to take a
+    connection answers ICMP port unreachable: refused); nftables changes them in one transaction."""
+    vip, stop = f"{VIPS}.11", tmp_path / "stop"
+    lb.apply(world.c, table_of([VirtualService(vip, "tcp", None, world.backends("b1"))]))
+    client = subprocess.Popen(["ip", "netns", "exec", world.c, SYSTEM_PYTHON, "-c", ASK_LOOP,
+                               vip, str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        for i in range(30):
+            old, new = ("b1", "b2") if i % 2 == 0 else ("b2", "b1")
+            lb.apply(world.c, table_of([VirtualService(vip, "tcp", None,
+                                                       world.backends(old, new, drained=(old,)))]))
+            time.sleep(0.15)
+            lb.apply(world.c, table_of([VirtualService(vip, "tcp", None, world.backends(new))]))
+    finally:
+        stop.touch()
+        out, _ = client.communicate(timeout=30)
+    results = json.loads(out)
+    assert set(results) == {"answered"} and results["answered"] >= 30, results

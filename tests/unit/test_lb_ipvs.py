@@ -79,14 +79,21 @@ def test_plan_from_nothing_adds_services_then_dests_and_nothing_when_equal():
     assert plan_ops(desired, build_view(table_of([VIP]), marks_of(VIP))) == []
 
 
-def test_plan_changes_dests_in_place_drain_add_remove():
+def test_plan_changes_dests_in_place_adding_before_draining_before_removing():
+    """The operations run one by one: the service never has no backend to take a connection."""
     mark = fwmark_of(VIP.key)
     before = build_view(table_of([VIP]), marks_of(VIP))
     after_svc = VirtualService(VIP.address, "tcp", None, (Backend("10.0.1.5", weight=0), Backend("10.0.1.7")))
     ops = plan_ops(before, build_view(table_of([after_svc]), marks_of(after_svc)))
-    assert ops == [Op("del-dest", mark, dest=("10.0.1.6", 0)),
+    assert ops == [Op("add-dest", mark, dest=("10.0.1.7", 0), weight=1),
                    Op("set-dest", mark, dest=("10.0.1.5", 0), weight=0),
-                   Op("add-dest", mark, dest=("10.0.1.7", 0), weight=1)]
+                   Op("del-dest", mark, dest=("10.0.1.6", 0))]
+    # a drained backend that takes connections again goes before one that drains now
+    drained = build_view(table_of([after_svc]), marks_of(after_svc))
+    swap = VirtualService(VIP.address, "tcp", None, (Backend("10.0.1.7", weight=0), Backend("10.0.1.5")))
+    assert plan_ops(drained, build_view(table_of([swap]), marks_of(swap))) == [
+        Op("set-dest", mark, dest=("10.0.1.5", 0), weight=1),
+        Op("set-dest", mark, dest=("10.0.1.7", 0), weight=0)]
 
 
 def test_plan_fixes_scheduler_flags_timeout_and_forwarding_read_from_the_kernel():
