@@ -61,7 +61,7 @@ def cmd_up(args, api: Api) -> int:
         _emit(args, data["tasks"], _print_tasks)
         return 0
     _wait_ready(api, args.wait, bool(data["tasks"]))
-    _print_summary(api, args.nodes)
+    _print_summary(api, api.checked("GET", "/v1/ping").get("nodes", 0))
     _warn_not_running(api)
     return 0
 
@@ -101,7 +101,7 @@ def _ensure_store_lab(args, api: Api) -> bool:
         return sum(n["state"] == "ready" for n in nodes) if status == 200 else 0
 
     print(f"mesh: starting a manager and {args.nodes} agents on {args.store}", file=sys.stderr)
-    etcdlab.start(api.host, args.nodes, args.store, args.lb, ping, ready)
+    etcdlab.start(api.host, args.nodes, args.store, args.lb or "auto", ping, ready)
     return True
 
 
@@ -405,13 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command_name", required=True)
     up = sub.add_parser("up", parents=[common], help="apply a stack file and start its tasks")
     up.add_argument("-f", "--file", required=True)
-    up.add_argument("--nodes", type=_node_count, default=0,
-                    help="run a local lab of N nodes (network namespaces) instead of this host alone")
+    up.add_argument("--nodes", type=_node_count, default=None,
+                    help="run a local lab of N nodes (network namespaces) instead of this host alone "
+                         "(default: the running daemon's, else this host alone)")
     up.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                     help="show progress until every task runs and is healthy, at most this long")
-    up.add_argument("--lb", choices=LB_CHOICES, default=os.environ.get("MESH_LB", "auto"),
+    up.add_argument("--lb", choices=LB_CHOICES, default=os.environ.get("MESH_LB"),
                     help="the kernel load balancer: ipvs, nftables, or auto (IPVS when the kernel "
-                         "has ip_vs); env MESH_LB")
+                         "has ip_vs); env MESH_LB (default: the running daemon's, else auto)")
     up.add_argument("--store", metavar="etcd://HOST:PORT",
                     help="with --nodes: the lab's manager and agents as separate processes on this "
                          "etcd (it must answer there from the host namespace and every node, e.g. "

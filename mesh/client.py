@@ -51,17 +51,18 @@ class Api:
         err = getattr(self, "last_error", None)
         return f" [{self.paths.socket}: {err}]" if err else f" [no socket at {self.paths.socket}]"
 
-    def ensure_daemon(self, nodes: int = 0, lb: str = "auto") -> bool:
+    def ensure_daemon(self, nodes: int | None = 0, lb: str | None = "auto") -> bool:
         """Start the daemon (a lab of `nodes` nodes, or 0 = this host) unless one runs already;
-        True when this call started it."""
-        wanted_lb = resolve_choice(lb)   # a clear error before anything starts
+        True when this call started it. None: whatever the running daemon has (to start one:
+        this host alone, `auto`)."""
+        wanted_lb = resolve_choice(lb or "auto")   # a clear error before anything starts
         if self.running():
             ping = self.call("GET", "/v1/ping")[1]
             running = ping.get("nodes", 0)
-            if running != nodes:
+            if nodes is not None and running != nodes:
                 raise MeshError(f"a mesh daemon already runs here with {running or 'no'} lab nodes; "
                                 f"`mesh down` first to start it with {nodes or 'no'} nodes")
-            if ping.get("lb", wanted_lb) != wanted_lb:
+            if lb is not None and ping.get("lb", wanted_lb) != wanted_lb:
                 raise MeshError(f"a mesh daemon already runs here with --lb {ping['lb']}; "
                                 f"`mesh down` first to start it with --lb {wanted_lb}")
             return False
@@ -71,7 +72,7 @@ class Api:
             argv += ["--host-netns", self.host]
         if nodes:
             argv += ["--nodes", str(nodes)]
-        argv += ["--lb", lb]
+        argv += ["--lb", lb or "auto"]
         with open(self.paths.daemon_log, "ab") as out:
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})

@@ -121,6 +121,18 @@ def test_scale_up_and_down(cluster):
     assert services["web"]["running"] == 3 and services["web"]["replicas"] == 5
 
 
+def test_mesh_up_without_nodes_applies_to_the_running_lab(cluster):
+    """As `docker stack deploy` on a swarm: a changed stack goes to the lab that runs, with no
+    --nodes again; asking for another number of nodes is still an error."""
+    lab = cluster
+    lab.write(2)
+    again = lab.mesh("up", "-f", lab.stack_path)
+    assert sorted(n for n in tasks(lab) if n.startswith("web.")) == ["web.1", "web.2"], again.stderr
+    assert "ROLE" in again.stdout and ":8080 10.97.0." in again.stdout   # the lab summary: nodes, ports
+    other = lab.mesh("up", "-f", lab.stack_path, "--nodes", "2", check=False)
+    assert other.returncode == 1 and "already runs here with 3 lab nodes" in other.stderr
+
+
 def test_down_removes_the_lab(cluster):
     lab = cluster
     lab.mesh("down")
