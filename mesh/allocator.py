@@ -46,7 +46,7 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     networks = _build_networks(stack, previous, routes, host_netns, cluster is not None)
     if cluster and _wants_ingress(stack):
         networks = _with_ingress_network(stack, networks, previous, routes, host_netns)
-    pools = _pools(networks)
+    pools = _pools(networks, previous)
     names_ = [(s, slot, t) for s, slot, t, _ in cluster.tasks] if cluster else _task_names(stack)
     node_of = {t: n for _, _, t, n in cluster.tasks} if cluster else {}
     host_of = (lambda task: cluster.node_netns[node_of[task]]) if cluster else (lambda task: host_netns)
@@ -71,7 +71,8 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     pubs = _publications(stack, tasks, networks, previous, names_)
     return DesiredState(stack.name, networks, tasks, pubs, connections, disconnections, vips,
                         dict(stack.services), dict(cluster.underlay) if cluster else {},
-                        cluster.pending if cluster else (), ingress)
+                        cluster.pending if cluster else (), ingress,
+                        allocated={n: str(p.last) for n, p in pools.items() if p.last is not None})
 
 
 def _ingress_ports(svc: Service) -> bool:
@@ -216,12 +217,14 @@ def _network_state(net: Network, old: NetworkState | None, taken: dict[str, IPv4
         parent=parent, vlan=vlan)
 
 
-def _pools(networks: dict[str, NetworkState]) -> dict[str, AddressPool]:
+def _pools(networks: dict[str, NetworkState], previous: DesiredState) -> dict[str, AddressPool]:
     out = {}
     for n in networks.values():
         gw = ip_address(n.gateway) if n.gateway and n.bridged else None
+        was = previous.networks.get(n.name)
+        after = previous.allocated.get(n.name) if was and was.subnet == n.subnet else None
         out[n.name] = AddressPool(n.name, ip_network(n.subnet), gw,
-                                  ip_network(n.ip_range) if n.ip_range else None)
+                                  ip_network(n.ip_range) if n.ip_range else None, after)
         if n.gateway and n.driver == "macvlan":
             out[n.name].used.add(ip_address(n.gateway))
     return out

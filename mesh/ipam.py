@@ -4,8 +4,13 @@ Default pools follow Docker: 172.17.0.0/16 ... 172.31.0.0/16, then 192.168.0.0/2
 subnet is skipped when it overlaps a route of the host namespace or another network.
 
     subnet = pick_subnet(taken=[...], routes=[...])
-    pool = AddressPool(subnet, gateway=None, ip_range=None)
+    pool = AddressPool(subnet, gateway=None, ip_range=None, after="172.18.0.7")
     ip = pool.allocate(); pool.reserve("172.18.0.9"); pool.release(ip)
+
+Allocation is serial, as Swarm's: a pick is the first free address after the one picked last
+(`after`, then `pool.last`; wrapping around at the end of the range), so an address that was just
+released (a removed task's, a removed service's VIP that a client may still have cached) is the
+last to be handed out again, not the first.
 """
 from __future__ import annotations
 
@@ -49,11 +54,12 @@ class AddressPool:
     """Addresses of one subnet: the gateway is reserved; dynamic picks come from ip_range if set."""
 
     def __init__(self, name: str, subnet: IPv4Network, gateway: IPv4Address | None = None,
-                 ip_range: IPv4Network | None = None):
+                 ip_range: IPv4Network | None = None, after: str | IPv4Address | None = None):
         self.name = name
         self.subnet = subnet
         self.gateway = gateway
         self.range = ip_range or subnet
+        self.last = ip_address(after) if after else None      # the address picked last
         self.used: set[IPv4Address] = set()
         if gateway is not None:
             self.used.add(gateway)
@@ -69,9 +75,15 @@ class AddressPool:
         return ip in self.subnet and self._usable(ip) and ip not in self.used
 
     def allocate(self) -> IPv4Address:
-        for ip in self.range:
+        first, size = int(self.range.network_address), self.range.num_addresses
+        start = 0
+        if self.last is not None and self.last in self.range:
+            start = (int(self.last) - first + 1) % size
+        for offset in range(size):
+            ip = IPv4Address(first + (start + offset) % size)
             if ip not in self.used and self._usable(ip):
                 self.used.add(ip)
+                self.last = ip
                 return ip
         where = f"ip_range {self.range}" if self.range != self.subnet else f"subnet {self.subnet}"
         raise AllocationError(f"networks.{self.name}: no free address left in {where} "

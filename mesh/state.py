@@ -114,6 +114,8 @@ class DesiredState:
     pending: tuple[tuple[str, str, str], ...] = ()               # cluster: (service, task, reason)
     ingress: dict[str, IngressState] = field(default_factory=dict)  # cluster: node -> its ingress
     draining: frozenset[str] = frozenset()   # tasks leaving: out of the balancers and DNS, still running
+    allocated: dict[str, str] = field(default_factory=dict)   # network -> address allocated last
+    #                                  (mesh.ipam allocates serially: a freed address comes back last)
 
     def on_node(self, node: str) -> dict[str, TaskState]:
         """The tasks one node's agent runs ("" = a single host runs them all)."""

@@ -87,9 +87,12 @@ def test_vips_ingress_host_mode_masquerade_affinity_udp_and_port_release(lab):
         if seen == want:
             break
     assert seen == want
-    # ports are released with their service: a new service claims 8080
+    # ports are released with their service: a new service claims 8080; addresses are not:
+    # allocation is serial, so the new service's VIP is not the one clients may have cached
+    web_vip = lab.json("network", "inspect", "default")["vips"]["web"]
     up(lab, MESH.replace("  web:\n", "  other:\n"))
     assert not hostnames(lab, "web")
+    assert lab.json("network", "inspect", "default")["vips"]["other"] != web_vip
     other = hostnames(lab, "other")
     got = spread(f"http://{addr['n3']}:8080/", lab.host, other)
     assert {a.split()[0][5:] for a in got} == other, got

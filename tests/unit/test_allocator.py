@@ -134,3 +134,15 @@ def test_a_new_task_never_takes_an_address_another_task_keeps():
     assert second.vips == first.vips and second.vip("c", "front") is None
     addresses = [e.address for t in second.tasks.values() for e in t.endpoints] + [a for *_, a in second.vips]
     assert len(addresses) == len(set(addresses)) == 7
+
+
+def test_a_removed_services_addresses_are_not_handed_to_the_next_one():
+    """Serial allocation across changes (DesiredState.allocated): a client that cached the VIP of a
+    removed service must not reach another service there."""
+    first = build(stack([Service("web", networks=(Attachment("front"),))], [FRONT]))
+    assert (first.vip("web", "front"), first.allocated["front"]) == ("10.9.0.2", "10.9.0.3")
+    gone = build(stack([], [FRONT]), first)
+    assert gone.allocated["front"] == "10.9.0.3"          # nothing allocated: the cursor stays
+    other = build(stack([Service("api", networks=(Attachment("front"),))], [FRONT]), gone)
+    assert other.vip("api", "front") == "10.9.0.4"
+    assert [e.address for e in other.tasks["api.1"].endpoints] == ["10.9.0.5"]

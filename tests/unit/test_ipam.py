@@ -46,6 +46,14 @@ def test_allocate_skips_gateway_and_reuses_released():
     assert str(pool.allocate()) == "10.0.0.4"
 
 
+def test_allocation_is_serial_a_released_address_comes_back_last():
+    pool = AddressPool("n", IPv4Network("10.0.0.0/29"), IPv4Address("10.0.0.1"), after="10.0.0.3")
+    assert str(pool.allocate()) == "10.0.0.4"             # after the one picked last
+    pool.release("10.0.0.4")
+    assert [str(pool.allocate()) for _ in range(4)] == ["10.0.0.5", "10.0.0.6", "10.0.0.2", "10.0.0.3"]
+    assert str(pool.allocate()) == "10.0.0.4" and str(pool.last) == "10.0.0.4"   # wrapped around
+
+
 def test_ip_range_limits_dynamic_addresses_but_not_static_ones():
     pool = AddressPool("n", IPv4Network("10.0.0.0/24"), IPv4Address("10.0.0.1"),
                        IPv4Network("10.0.0.128/30"))
