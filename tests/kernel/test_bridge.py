@@ -52,8 +52,9 @@ def test_published_port_from_outside_host_localhost_and_hairpin(lab):
 
 def test_published_udp_port(lab):
     client, host_addr = lab.client()
-    lab.up(TWO_SERVICES.replace("@ECHO@ 80\n    networks: [front]\n    ports",
-                                "@ECHO@ 90 udp\n    networks: [front]\n    ports", 1))
+    # a UDP server that publishes only its UDP port (mesh up waits for published TCP ports)
+    lab.up(TWO_SERVICES.replace('@ECHO@ 80\n    networks: [front]\n    ports: ["8080:80", ',
+                                '@ECHO@ 90 udp\n    networks: [front]\n    ports: [', 1))
     reply = sh(["python3", "-c",
                 "import socket,sys;s=socket.socket(2,2);s.settimeout(3);"
                 f"s.sendto(b'x',('{host_addr}',9090));print(s.recv(100).decode())"], client)
