@@ -60,6 +60,7 @@ from mesh.storeops import (DESIRED, LEASE_TTL, NODES, STATUS, LeaseKeeper, conne
 log = logging.getLogger("mesh.nodeagent")
 RETRY = 1.0
 POLL = 2.0                      # the supervisor does not report a first start: look this often
+BALANCED_EVERY = 0.1            # the node record shows agent.balanced at most this often
 DRAIN_POLL = 0.2                # while a task drains: whether it still serves connections
 REPORTED = ("state", "pid", "exit_code", "restarts", "started_at", "health", "health_failing_streak")
 
@@ -120,6 +121,8 @@ class NodeAgent:
         self.error: str | None = None
         self.error_shown: str | None = None
         self.info_balanced: frozenset[str] = frozenset()   # agent.balanced as the record shows it
+        self.info_put_at = float("-inf")                  # when the record was put last (loop time)
+        self.balanced_due = False
         self.remote: dict[tuple[str, str], dict] = {}     # other nodes' reports
         self.connections = established_connections      # (pid, addresses) -> connections served
         # every kick of the agent (a task changed state, or started listening) is a report to
@@ -158,6 +161,11 @@ class NodeAgent:
                        balanced=tuple(sorted(self.agent.balanced)))
         await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
         self.error_shown, self.info_balanced = self.error, frozenset(info.balanced)
+        self.info_put_at = asyncio.get_running_loop().time()
+
+    def _balanced_now(self) -> None:
+        self.balanced_due = False
+        self.status_dirty.set()
 
     async def keep_registered(self) -> None:
         while True:
@@ -312,7 +320,14 @@ class NodeAgent:
             await self.store.delete(status_key(self.node, name))
             del self.reported[name]
         if self.info_balanced != self.agent.balanced:
-            await self._put_info()
+            # at most one record per BALANCED_EVERY: a wave of tasks getting ready is one put
+            # per node, not one per task per node
+            wait = self.info_put_at + BALANCED_EVERY - asyncio.get_running_loop().time()
+            if wait <= 0:
+                await self._put_info()
+            elif not self.balanced_due:
+                self.balanced_due = True
+                asyncio.get_running_loop().call_later(wait, self._balanced_now)
 
     async def resync(self) -> None:
         """The balancers' periodic repair, as the daemon's (mesh.daemon.resync_forever calls it)."""
