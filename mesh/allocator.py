@@ -43,6 +43,8 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
     if INGRESS_NETWORK in stack.networks:
         raise AllocationError(f"networks.{INGRESS_NETWORK}: the name '{INGRESS_NETWORK}' is reserved "
                               f"for the cluster's routing mesh (ports published in ingress mode)")
+    if cluster is None:
+        _check_host_ports_alone(stack)
     networks = _build_networks(stack, previous, routes, host_netns, cluster is not None)
     if cluster and _wants_ingress(stack):
         networks = _with_ingress_network(stack, networks, previous, routes, host_netns)
@@ -73,6 +75,22 @@ def build_desired(stack: Stack, previous: DesiredState, routes: list[IPv4Network
                         dict(stack.services), dict(cluster.underlay) if cluster else {},
                         cluster.pending if cluster else (), ingress,
                         allocated={n: str(p.last) for n, p in pools.items() if p.last is not None})
+
+
+def _check_host_ports_alone(stack: Stack) -> None:
+    """Services may share a host-mode port in a cluster (their tasks go to different nodes); on a
+    single host every task runs here, so they may not."""
+    first: dict[tuple[int, str], str] = {}
+    for svc in stack.services.values():
+        for p in svc.ports:
+            if p.mode != "host" or not p.published:
+                continue
+            other = first.setdefault((p.published, p.protocol), svc.name)
+            if other != svc.name:
+                raise AllocationError(
+                    f"services.{svc.name}.ports: port {p.published}/{p.protocol} is published in host "
+                    f"mode by services.{other} too; services share a host-mode port only in a cluster, "
+                    f"where their tasks run on different nodes")
 
 
 def _ingress_ports(svc: Service) -> bool:

@@ -22,6 +22,7 @@ from mesh.allocator import build_desired
 from mesh.errors import Conflict, NotFound
 from mesh.model import Attachment, DnsOptions, Placement, Service, Stack
 from mesh.readiness import Readiness, established_connections
+from mesh.scheduler import host_port_clashes
 from mesh.spec_models import RESERVED_TASK_NAME
 from mesh.state import DesiredState, TaskState
 
@@ -171,8 +172,22 @@ class Controller:
         if desired.networks != self.desired.networks:
             return []
         alive = self.readiness().alive
-        return [n for n, old in self.desired.tasks.items()
-                if n in desired.tasks and renewed(old, desired.tasks[n], n in alive)]
+        rolling = [n for n, old in self.desired.tasks.items()
+                   if n in desired.tasks and renewed(old, desired.tasks[n], n in alive)]
+        while clash := self._clashing(desired, rolling):
+            rolling = [n for n in rolling if n not in clash]      # these go at once, stop-first
+        return rolling
+
+    def _clashing(self, desired: DesiredState, rolling: list[str]) -> set[str]:
+        """Tasks of `rolling` that some step of the rollout (those before it moved, those after
+        it not yet) would leave on a node with another task holding the same host-mode port:
+        services sharing a port that swap nodes, say."""
+        out: set[str] = set()
+        for step in range(len(rolling) + 1):
+            tasks = {**desired.tasks, **{n: self.desired.tasks[n] for n in rolling[step:]}}
+            out |= host_port_clashes([(n, t.service, t.node) for n, t in tasks.items()],
+                                     desired.services)
+        return out & set(rolling)
 
     async def _until_ready(self, task: str, timeout: float = READY_TIMEOUT) -> bool:
         loop = asyncio.get_running_loop()

@@ -307,6 +307,19 @@ def _place_replicated(board: _Board, svc: Service, rules: _Rules,
     return out
 
 
+def host_port_clashes(placed: Iterable[tuple[str, str, str]],
+                      services: Mapping[str, Service]) -> set[str]:
+    """The tasks of `placed` ((task, service, node) triples) that hold a host-mode published
+    (port, protocol) on a node together with another task: what schedule() never places, and a
+    rollout's intermediate steps must not have either (mesh.controller)."""
+    holders: dict[tuple[str, int, str], list[str]] = {}
+    for task, service, node in placed:
+        svc = services.get(service)
+        for port in _rules(svc).ports if svc is not None and node else ():
+            holders.setdefault((node, *port), []).append(task)
+    return {t for tasks in holders.values() if len(tasks) > 1 for t in tasks}
+
+
 def schedule(services: Mapping[str, Service], nodes: Sequence[Node],
              previous: Mapping[str, str]) -> list[TaskPlacement]:
     """Every task of every service with its node (or None and the reason), sorted by service,

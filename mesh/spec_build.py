@@ -385,17 +385,25 @@ class Builder:
     # -- stack-wide
 
     def check_published_ports(self) -> None:
-        first: dict[tuple[int, str], str] = {}
+        """A port/protocol pair is published once, except by several services in host mode, as in
+        Swarm: the scheduler keeps their tasks on different nodes (a single host refuses it:
+        mesh.allocator)."""
+        first: dict[tuple[int, str], tuple[str, str, str]] = {}     # -> (where, mode, service)
         for name, spec in self.spec.services.items():
             for i, entry in enumerate(spec.ports or []):
                 where = f"services.{name}.ports[{i}]"
                 for port in entry.expand():
                     key = (port.published, port.protocol)
-                    if port.published is not None and key in first:
+                    if port.published is None:
+                        continue
+                    other = first.get(key)
+                    if other is None:
+                        first[key] = (where, port.mode, name)
+                    elif other[1] == port.mode == "host" and other[2] != name:
+                        continue
+                    else:
                         self.error(f"{where}.published", f"port {port.published}/{port.protocol} is "
-                                                         f"already published by {first[key]}")
-                    elif port.published is not None:
-                        first[key] = where
+                                                         f"already published by {other[0]}")
 
     def check_container_names(self, services: dict[str, Service]) -> None:
         owners = {f"{svc.name}.{slot}": f"services.{svc.name}" for svc in services.values()

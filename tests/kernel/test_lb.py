@@ -130,6 +130,37 @@ def test_no_failed_request_while_a_placement_change_moves_every_task(lab):
     assert result["ok"] > 20, result
 
 
+SWAP = """
+services:
+  a:
+    command: "@ECHO@ 80"
+    deploy: {placement: {constraints: ["node.hostname==n1"]}}
+    ports: [{target: 80, published: 9000, mode: host}]
+  b:
+    command: "@ECHO@ 81"
+    deploy: {placement: {constraints: ["node.hostname==n3"]}}
+    ports: [{target: 81, published: 9000, mode: host}]
+"""
+
+
+def test_services_share_a_host_mode_port_on_different_nodes_and_swap_them(lab):
+    """As in Swarm, two services publish 9000 in host mode: each node's port leads to the task it
+    runs, also after they swap nodes (moving them one at a time would put both on one node in
+    between, so they move at once: tests/unit/test_rolling.py)."""
+    up(lab, SWAP)
+    addr = nodes(lab)
+    a, b = hostnames(lab, "a"), hostnames(lab, "b")
+    assert curl(f"http://{addr['n1']}:9000/", lab.host).split()[0][5:] in a
+    assert curl(f"http://{addr['n3']}:9000/", lab.host).split()[0][5:] in b
+    assert no_connect(f"http://{addr['n2']}:9000/", lab.host)
+    swapped = SWAP.replace("hostname==n1", "hostname==nX").replace("hostname==n3", "hostname==n1") \
+        .replace("hostname==nX", "hostname==n3")
+    up(lab, swapped)
+    assert {t["service"]: t["node"] for t in lab.json("ps")} == {"a": "n3", "b": "n1"}
+    assert curl(f"http://{addr['n1']}:9000/", lab.host).split()[0][5:] in b
+    assert curl(f"http://{addr['n3']}:9000/", lab.host).split()[0][5:] in a
+
+
 FIRST = """
 services:
   web:

@@ -146,3 +146,12 @@ def test_a_removed_services_addresses_are_not_handed_to_the_next_one():
     other = build(stack([Service("api", networks=(Attachment("front"),))], [FRONT]), gone)
     assert other.vip("api", "front") == "10.9.0.4"
     assert [e.address for e in other.tasks["api.1"].endpoints] == ["10.9.0.5"]
+
+
+def test_a_single_host_refuses_services_sharing_a_host_mode_port():
+    shared = stack([Service("a", ports=(Port(80, 8080, mode="host"),)),
+                    Service("b", ports=(Port(81, 8080, mode="host"),))])
+    with pytest.raises(AllocationError, match="services.b.ports: port 8080/tcp is published in host "
+                                              "mode by services.a too; services share a host-mode "
+                                              "port only in a cluster"):
+        build(shared)

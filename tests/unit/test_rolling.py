@@ -5,6 +5,7 @@ with no failed request) and the rolling-update tests."""
 from dataclasses import replace
 
 from mesh.controller import Controller
+from mesh.model import Port, Service
 from mesh.manager import ClusterController
 from mesh.readiness import Readiness
 from mesh.state import DesiredState, TaskState
@@ -48,3 +49,15 @@ def test_a_cluster_step_writes_moved_and_restarted_tasks_draining_first_while_ol
         "web.1", "db.1"}
     # a task moved off a node that is down: no report of it is left to mistake, no extra step
     assert ClusterController._restarting(before, after, frozenset({"n2", "n3"})) == {"db.1"}
+
+
+def test_services_that_share_a_host_port_and_swap_nodes_move_at_once_not_one_by_one():
+    """One at a time, a's task would reach n3 while b's still runs there: both on host port 9000."""
+    ctl = Alive({"a.1", "b.1", "web.1"})
+    ctl.desired = state(task("a.1", "n1"), task("b.1", "n3"), task("web.1", "n1"))
+    services = {name: Service(name, ports=(Port(90, 9000, mode="host"),)) for name in ("a", "b")}
+    after = replace(state(task("a.1", "n3"), task("b.1", "n1"), task("web.1", "n2")), services=services)
+    assert ctl._rolling(after) == ["web.1"]
+    # no port in common: each goes one at a time
+    apart = {**services, "b": Service("b", ports=(Port(90, 9001, mode="host"),))}
+    assert ctl._rolling(replace(after, services=apart)) == ["a.1", "b.1", "web.1"]

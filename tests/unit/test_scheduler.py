@@ -5,7 +5,7 @@ import random
 import pytest
 
 from mesh.model import Placement, Port, Service
-from mesh.scheduler import Node, TaskPlacement, parse_constraint, schedule
+from mesh.scheduler import Node, TaskPlacement, host_port_clashes, parse_constraint, schedule
 
 N1 = Node("n1", "id1", "manager", {"zone": "a"})
 N2 = Node("n2", "id2", labels={"zone": "b", "disk": "ssd"})
@@ -401,3 +401,12 @@ def test_node_labels_are_frozen_and_hashable():
     assert a == b and hash(a) == hash(b) and a.labels == (("a", "1"), ("b", "2"))
     assert a.label("a") == "1" and a.label("missing") is None
     assert Node("n", "i").labels == ()
+
+
+def test_host_port_clashes_names_tasks_sharing_a_host_port_on_a_node():
+    services = {"a": Service("a", ports=(Port(90, 9000, mode="host"),)),
+                "b": Service("b", ports=(Port(91, 9000, mode="host"), Port(92, 9002))),
+                "c": Service("c", ports=(Port(93, 9000, protocol="udp", mode="host"),))}
+    placed = [("a.1", "a", "n1"), ("b.1", "b", "n1"), ("a.2", "a", "n2"), ("c.1", "c", "n2"),
+              ("b.2", "b", None)]
+    assert host_port_clashes(placed, services) == {"a.1", "b.1"}   # udp is another port

@@ -381,6 +381,11 @@ INVALID = [
      "services.web.ports[2].published", "8080/tcp is already published by services.web.ports[0]"),
     ("services: {web: {ports: ['8000-8005:80-85']}, api: {ports: ['8003:80']}}",
      "services.api.ports[0].published", "8003/tcp"),
+    ("services: {web: {ports: [{target: 80, published: 8080, mode: host}]}, api: {ports: ['8080:80']}}",
+     "services.api.ports[0].published", "8080/tcp is already published by services.web.ports[0]"),
+    ("services: {web: {ports: [{target: 80, published: 8080, mode: host},"
+     " {target: 81, published: 8080, mode: host}]}}",
+     "services.web.ports[1].published", "8080/tcp is already published by services.web.ports[0]"),
     ("services: {web: {ports: ['80'], deploy: {endpoint_mode: dnsrr}}}",
      "services.web.deploy.endpoint_mode", "ingress mode"),
     ("services: {web: {network_mode: host, ports: ['80:80']}}", "services.web.ports", "network_mode: host"),
@@ -547,3 +552,9 @@ def test_spec_error_text_carries_every_path():
     with pytest.raises(SpecError) as caught:
         load("services: {web: {deploy: {replicas: two}}}")
     assert str(caught.value) == "services.web.deploy.replicas: expected a non-negative integer, got 'two'"
+
+
+def test_services_may_share_a_host_mode_port_as_in_swarm():
+    stack = load("services: {a: {ports: [{target: 80, published: 8080, mode: host}]},"
+                 " b: {ports: [{target: 81, published: 8080, mode: host}]}}")
+    assert [p.published for s in stack.services.values() for p in s.ports] == [8080, 8080]
