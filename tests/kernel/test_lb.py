@@ -308,14 +308,7 @@ services:
     assert "vmap @services" in sh(["nft", "list", "table", "ip", "mesh_lb"], sandbox).stdout
 
 
-IPVS_LAB = """
-services:
-  web:
-    command: "@ECHO@ 80"
-    deploy: {replicas: 2, placement: {constraints: ["node.hostname==n1"]}}
-    ports: ["8080:80"]
-    environment: {GENERATION: "@GEN@"}
-  client:
+IPVS_LAB = ROLLING + """  client:
     command: sleep 600
     deploy: {placement: {constraints: ["node.hostname==n2"]}}
 """
