@@ -134,11 +134,12 @@ class Agent:
         """DNS, balancers and the host's published ports follow the tasks' readiness."""
         async with self.lock:
             readiness, applied = self.readiness(), self.applied
-            await asyncio.to_thread(self._sync_lb, applied, readiness)
+            if await asyncio.to_thread(self._sync_lb, applied, readiness):
+                # under the lock: a later sync, with newer readiness, sets it after this one
+                self.balanced = frozenset(n for n in applied.tasks if n in readiness.ready and
+                                          n not in readiness.missing and n not in applied.draining)
         if self.dns is not None:     # names resolve for ready tasks that are not draining
             await self.dns.sync(applied, readiness.ready - applied.draining)
-        self.balanced = frozenset(n for n in applied.tasks if n in readiness.ready
-                                  and n not in readiness.missing and n not in applied.draining)
         if self.on_synced is not None:
             self.on_synced()
         # a task of this node not listening yet in this very snapshot: look again soon
@@ -171,12 +172,14 @@ class Agent:
             except Exception:
                 log.exception("load-balancer resync of %s failed", netns)
 
-    def _sync_lb(self, desired: DesiredState, readiness: rd.Readiness) -> None:
+    def _sync_lb(self, desired: DesiredState, readiness: rd.Readiness) -> bool:
         """Every balancer of this node, then the host table; one namespace failing (logged, and
-        repaired by the next sync or resync) does not hold the others back."""
+        repaired by the next sync or resync) does not hold the others back. True when every
+        balancer took its table."""
         tables = build_balancers(desired, self.node, readiness)
         for netns in [n for n in self.lb_tables if n not in tables]:
             self._quietly(self._forget_balancer, netns)
+        complete = True
         for netns, table in tables.items():
             old = self.lb_tables.get(netns, {})
             if self._quietly(self.lb.apply, netns, table):
@@ -184,7 +187,10 @@ class Agent:
                 gone = removed_udp_backends(old, table)
                 if gone:
                     self._quietly(flush_udp_to, netns, gone)
+            else:
+                complete = False
         self._sync_host_table(desired, readiness)
+        return complete
 
     @staticmethod
     def _quietly(call, *args) -> bool:

@@ -239,10 +239,9 @@ def _pools(networks: dict[str, NetworkState], previous: DesiredState) -> dict[st
     out = {}
     for n in networks.values():
         gw = ip_address(n.gateway) if n.gateway and n.bridged else None
-        was = previous.networks.get(n.name)
-        after = previous.allocated.get(n.name) if was and was.subnet == n.subnet else None
         out[n.name] = AddressPool(n.name, ip_network(n.subnet), gw,
-                                  ip_network(n.ip_range) if n.ip_range else None, after)
+                                  ip_network(n.ip_range) if n.ip_range else None,
+                                  previous.allocated.get(n.name))
         if n.gateway and n.driver == "macvlan":
             out[n.name].used.add(ip_address(n.gateway))
     return out

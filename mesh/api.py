@@ -51,6 +51,9 @@ def build_app(ctl, stop: asyncio.Event, finish=None, about: dict | None = None) 
         return [task_view(t, ctl.status(t.name), ctl.desired, waiting.get(t.name))
                 for t in ctl.desired.tasks.values()]
 
+    def one_task(t):
+        return task_view(t, ctl.status(t.name), ctl.desired, ctl.waiting().get(t.name))
+
     @routes.get("/v1/ping")
     async def ping(_):
         return web.json_response({"host_netns": ctl.host, "pid": os.getpid(), "nodes": 0,
@@ -85,7 +88,7 @@ def build_app(ctl, stop: asyncio.Event, finish=None, about: dict | None = None) 
         body = await request.json()
         t = await ctl.run(body.get("name", ""), body.get("network", ""), list(body.get("command") or []),
                           body.get("node"))
-        return web.json_response(task_view(t, ctl.status(t.name), ctl.desired))
+        return web.json_response(one_task(t))
 
     @routes.get("/v1/tasks")
     async def tasks(_):
@@ -94,7 +97,7 @@ def build_app(ctl, stop: asyncio.Event, finish=None, about: dict | None = None) 
     @routes.get("/v1/tasks/{name}")
     async def task(request):
         t = ctl.task(request.match_info["name"])
-        return web.json_response({**task_view(t, ctl.status(t.name), ctl.desired),
+        return web.json_response({**one_task(t),
                                   "log": ctl.log_path(t.name)})
 
     @routes.get("/v1/tasks/{name}/logs")
@@ -119,7 +122,7 @@ def build_app(ctl, stop: asyncio.Event, finish=None, about: dict | None = None) 
         body = await request.json()
         action = getattr(ctl, request.match_info["action"])
         t = await action(request.match_info["name"], body["task"])
-        return web.json_response(task_view(t, ctl.status(t.name), ctl.desired))
+        return web.json_response(one_task(t))
 
     @routes.post("/v1/down")
     async def down(_):

@@ -61,7 +61,7 @@ def cmd_up(args, api: Api) -> int:
         _emit(args, data["tasks"], _print_tasks)
         return 0
     _wait_ready(api, args.wait, bool(data["tasks"]))
-    _print_summary(api, api.checked("GET", "/v1/ping").get("nodes", 0))
+    _print_summary(api, api.checked("GET", "/v1/ping").get("nodes") or args.nodes or 0)
     _warn_not_running(api)
     return 0
 
@@ -148,7 +148,8 @@ def _wait_ready(api: Api, timeout: float, expect_tasks: bool = True) -> None:
         if not waiting:
             return
         if time.monotonic() > deadline:
-            print(f"mesh: not ready after {timeout:.0f}s; `mesh ps` shows them", file=sys.stderr)
+            print(f"mesh: not ready after {timeout:.0f}s (see the waiting list above; `mesh ps "
+                  f"--json` shows each task's `waiting`)", file=sys.stderr)
             return
         time.sleep(0.2)
 

@@ -32,7 +32,7 @@ from mesh.lab import LabNode, make_lab, remove_lab
 from mesh.manager import ClusterController
 from mesh.netlink import Netlink
 from mesh.nodeagent import NodeAgent, route_strings
-from mesh.paths import MADE_HOST_MARKER, Paths
+from mesh.paths import Paths
 from mesh.store import MemoryStore
 from mesh.storeops import counted
 
@@ -56,7 +56,7 @@ class LocalCluster:
         self.nl = Netlink()
         # a lab that makes the host namespace removes it; a marker remembers it across a
         # killed daemon, whose successor finds the namespace there
-        self.made_marker = os.path.join(paths.root, MADE_HOST_MARKER)
+        self.made_marker = paths.made_host_marker
         self.made_host = bool(host_netns) and (not self.nl.netns_exists(host_netns)
                                                or os.path.exists(self.made_marker))
         if self.made_host:

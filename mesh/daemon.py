@@ -27,7 +27,7 @@ from mesh.etcfiles import upstream_servers
 from mesh.lb.base import make_lb, resolve_choice
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
-from mesh.paths import MADE_HOST_MARKER, Paths
+from mesh.paths import Paths
 from mesh.runtime import Supervisor
 
 log = logging.getLogger("mesh.daemon")
@@ -61,7 +61,7 @@ class OneHost:
         nl = Netlink()
         agent = node_agent(host_netns, "", nl, NftCli(), paths, lb)
         # the host namespace it makes goes with `mesh down`, also after a killed daemon
-        agent.made_marker = os.path.join(paths.root, MADE_HOST_MARKER)
+        agent.made_marker = paths.made_host_marker
         agent.created_host = bool(host_netns) and os.path.exists(agent.made_marker)
         self.ctl = Controller([agent], nl, host_netns)
         self.ctl.lb_name = lb

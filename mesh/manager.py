@@ -83,7 +83,8 @@ def placement(stack, previous: DesiredState, table: tuple[NodeInfo, ...]) -> Clu
 def node_table(known: tuple[NodeInfo, ...], live: dict[str, NodeInfo]) -> tuple[NodeInfo, ...]:
     """Every node the cluster knows, sorted: the registered ones ready, the others down (pure)."""
     out = {n.name: replace(n, state="down") for n in known}
-    out.update({name: replace(n, state="ready", agent_pid=None, error=None, applied=0, failed=0)
+    out.update({name: replace(n, state="ready", agent_pid=None, error=None, applied=0, failed=0,
+                              balanced=())
                 for name, n in live.items()})
     return tuple(out[name] for name in sorted(out))
 
@@ -321,9 +322,9 @@ class ClusterController(Controller):
         return out
 
     def _balancers(self) -> dict[str, frozenset[str]]:
-        """Node -> the tasks its balancers send new connections to, as its record says."""
-        return {name: frozenset(info.balanced) for name, info in self.live.items()
-                if info.state == "ready"}
+        """Node -> the tasks its balancers send new connections to, as its record says (every
+        registered node: a node whose lease expired has no record)."""
+        return {name: frozenset(info.balanced) for name, info in self.live.items()}
 
     def _serving(self, task: str) -> bool:
         """A draining task's connections: seen from its process when its node is on this machine

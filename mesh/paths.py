@@ -24,6 +24,11 @@ class Paths:
         return cls(os.path.join(base, scope_of(host_netns)))
 
     @property
+    def made_host_marker(self) -> str:
+        """Its presence says the daemon made the host namespace (MADE_HOST_MARKER)."""
+        return os.path.join(self.root, MADE_HOST_MARKER)
+
+    @property
     def socket(self) -> str:
         return os.path.join(self.root, "api.sock")
 

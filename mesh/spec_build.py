@@ -388,22 +388,20 @@ class Builder:
         """A port/protocol pair is published once, except by several services in host mode, as in
         Swarm: the scheduler keeps their tasks on different nodes (a single host refuses it:
         mesh.allocator)."""
-        first: dict[tuple[int, str], tuple[str, str, str]] = {}     # -> (where, mode, service)
+        seen: dict[tuple[int, str], list[tuple[str, str, str]]] = {}   # -> (where, mode, service)
         for name, spec in self.spec.services.items():
             for i, entry in enumerate(spec.ports or []):
                 where = f"services.{name}.ports[{i}]"
                 for port in entry.expand():
-                    key = (port.published, port.protocol)
                     if port.published is None:
                         continue
-                    other = first.get(key)
-                    if other is None:
-                        first[key] = (where, port.mode, name)
-                    elif other[1] == port.mode == "host" and other[2] != name:
-                        continue
-                    else:
+                    others = seen.setdefault((port.published, port.protocol), [])
+                    clash = next((w for w, mode, svc in others if svc == name or "ingress" in
+                                  (mode, port.mode)), None)
+                    if clash is not None:
                         self.error(f"{where}.published", f"port {port.published}/{port.protocol} is "
-                                                         f"already published by {other[0]}")
+                                                         f"already published by {clash}")
+                    others.append((where, port.mode, name))
 
     def check_container_names(self, services: dict[str, Service]) -> None:
         owners = {f"{svc.name}.{slot}": f"services.{svc.name}" for svc in services.values()

@@ -133,9 +133,13 @@ class PortSpec(BaseModel):
         first_published = self.published[0] if self.published else None
         return [Port(target=self.target[0] + i,
                      published=None if first_published is None else first_published + i,
-                     protocol=self.protocol, mode=self.mode, host_ip=self.host_ip,
+                     protocol=self.protocol, mode=self.mode,
+                     host_ip=None if self.host_ip == ANY_ADDRESS else self.host_ip,
                      name=self.name if _span(self.target) == 1 else None)
                 for i in range(_span(self.target))]
+
+
+ANY_ADDRESS = "0.0.0.0"          # host_ip 0.0.0.0: every address, as no host_ip (as Docker)
 
 
 def _span(ports: tuple[int, int]) -> int:

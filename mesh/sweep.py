@@ -16,7 +16,7 @@ from mesh.hostrules import render_delete_table
 from mesh.lb.dsr import TABLE as DSR_TABLE, render_delete as render_dsr_delete
 from mesh.netlink import Netlink
 from mesh.nft import NftCli
-from mesh.paths import MADE_HOST_MARKER, Paths
+from mesh.paths import Paths
 from mesh.runtime import kill_leftovers
 
 OUR_LINKS = ("mhb", "mhv", "mhm", "mhx", "mhl", "mhg")  # bridges, veths, macvlans, vxlans, lab
@@ -84,7 +84,7 @@ def sweep(host_netns: str | None, nl: Netlink | None = None) -> list[str]:
     if nft.list_table(host_netns, "netdev", DSR_TABLE) is not None:
         nft.apply(host_netns, render_dsr_delete())
         removed.append(f"nftables table netdev {DSR_TABLE}")
-    marker = os.path.join(paths.root, MADE_HOST_MARKER)
+    marker = paths.made_host_marker
     if host_netns and os.path.exists(marker):       # a lab made the host namespace: it goes too
         nl.delete_netns(host_netns)
         os.unlink(marker)

@@ -386,6 +386,9 @@ INVALID = [
     ("services: {web: {ports: [{target: 80, published: 8080, mode: host},"
      " {target: 81, published: 8080, mode: host}]}}",
      "services.web.ports[1].published", "8080/tcp is already published by services.web.ports[0]"),
+    ("services: {a: {ports: [{target: 80, published: 8080, mode: host}]}, b: {ports: ["
+     "{target: 80, published: 8080, mode: host}, {target: 81, published: 8080, mode: host}]}}",
+     "services.b.ports[1].published", "8080/tcp is already published by services.b.ports[0]"),
     ("services: {web: {ports: ['80'], deploy: {endpoint_mode: dnsrr}}}",
      "services.web.deploy.endpoint_mode", "ingress mode"),
     ("services: {web: {network_mode: host, ports: ['80:80']}}", "services.web.ports", "network_mode: host"),
@@ -558,3 +561,8 @@ def test_services_may_share_a_host_mode_port_as_in_swarm():
     stack = load("services: {a: {ports: [{target: 80, published: 8080, mode: host}]},"
                  " b: {ports: [{target: 81, published: 8080, mode: host}]}}")
     assert [p.published for s in stack.services.values() for p in s.ports] == [8080, 8080]
+
+
+def test_a_port_published_on_0_0_0_0_is_published_on_every_address():
+    stack = load("services: {web: {ports: ['0.0.0.0:8080:80', '127.0.0.1:8081:81']}}")
+    assert [p.host_ip for p in stack.services["web"].ports] == [None, "127.0.0.1"]

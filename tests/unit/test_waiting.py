@@ -4,7 +4,7 @@ answers once it returns. Kernel test: test_lb.py
 (test_every_node_answers_the_first_connection_once_mesh_up_returns)."""
 from mesh.codec import NodeInfo
 from mesh.controller import Controller
-from mesh.manager import ClusterController
+from mesh.manager import ClusterController, node_table
 from mesh.readiness import Readiness
 from mesh.state import DesiredState, TaskState
 
@@ -43,8 +43,10 @@ def test_a_ready_task_waits_for_its_ports_then_for_every_nodes_balancers():
     assert ctl.waiting() == {}                       # a draining task waits for nothing
 
 
-def test_a_cluster_reads_each_ready_nodes_balancers_from_its_record():
+def test_a_cluster_reads_each_registered_nodes_balancers_from_its_record():
     ctl = ClusterController(None, "m1")
     ctl.live = {"n1": NodeInfo("n1", "10.0.0.1", balanced=("web.1",)),
-                "n2": NodeInfo("n2", "10.0.0.2", state="down", balanced=())}
-    assert ctl._balancers() == {"n1": frozenset({"web.1"})}
+                "n2": NodeInfo("n2", "10.0.0.2")}
+    assert ctl._balancers() == {"n1": frozenset({"web.1"}), "n2": frozenset()}
+    # the node table the leader writes into /mesh/desired does not carry them
+    assert [n.balanced for n in node_table((), ctl.live)] == [(), ()]
