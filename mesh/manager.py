@@ -125,9 +125,18 @@ class ClusterController(Controller):
                     self._absorb(kv, True)
                 self.synced.set()
             else:
+                before = self._placement_keys()
                 self._absorb(item.kv, item.kind == "put")
-            if self.leading and (kind == "snapshot" or item.kv.key.startswith(NODES)):
+                # a node record that changes nothing placement reads (its acknowledgement, the
+                # tasks its balancers take) is no reason to re-place: those come with every change
+                # and every task getting ready, and each re-placing waits for the manager's lock
+                if not item.kv.key.startswith(NODES) or self._placement_keys() == before:
+                    continue
+            if self.leading:
                 self.kick()
+
+    def _placement_keys(self) -> dict[str, tuple]:
+        return {name: info.placement_key() for name, info in self.live.items()}
 
     def _absorb(self, kv: KeyValue, present: bool) -> None:
         key = kv.key
