@@ -122,6 +122,7 @@ class NodeAgent:
         self.error_shown: str | None = None
         self.info_balanced: frozenset[str] = frozenset()   # agent.balanced as the record shows it
         self.info_put_at = float("-inf")                  # when the record was put last (loop time)
+        self.info_lock = asyncio.Lock()
         self.balanced_due = False
         self.remote: dict[tuple[str, str], dict] = {}     # other nodes' reports
         self.connections = established_connections      # (pid, addresses) -> connections served
@@ -156,12 +157,16 @@ class NodeAgent:
         self.status_dirty.set()
 
     async def _put_info(self) -> None:
-        info = replace(self.info, agent_pid=os.getpid(), error=self.error, applied=self.acked,
-                       failed=self.failed if self.error else 0,
-                       balanced=tuple(sorted(self.agent.balanced)))
-        await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
-        self.error_shown, self.info_balanced = self.error, frozenset(info.balanced)
-        self.info_put_at = asyncio.get_running_loop().time()
+        # one put at a time, each made of the values of when it starts: two in flight (the
+        # report loop's and the apply loop's) could land in the other order on etcd, and an
+        # older acknowledgement last would keep the manager's step waiting for its timeout
+        async with self.info_lock:
+            info = replace(self.info, agent_pid=os.getpid(), error=self.error, applied=self.acked,
+                           failed=self.failed if self.error else 0,
+                           balanced=tuple(sorted(self.agent.balanced)))
+            await self.store.put(f"{NODES}{self.node}", encode(info), lease=self.keeper.lease)
+            self.error_shown, self.info_balanced = info.error, frozenset(info.balanced)
+            self.info_put_at = asyncio.get_running_loop().time()
 
     def _balanced_now(self) -> None:
         self.balanced_due = False
