@@ -45,9 +45,13 @@ def _isolation(nets: list[NetworkState]) -> list[str]:
     return rules
 
 
+def _port_match(host_ip: str | None, protocol: str, port: int) -> str:
+    """Packets to a published port, on its one address if it has one (host_ip)."""
+    return (f"ip daddr {host_ip} " if host_ip else "") + f"meta l4proto {protocol} th dport {port}"
+
+
 def _dnat(p: Publication) -> str | None:
-    match = f"ip daddr {p.host_ip} " if p.host_ip else ""
-    return _dnat_to(match + f"meta l4proto {p.protocol} th dport {p.published}", p.backends, p.target)
+    return _dnat_to(_port_match(p.host_ip, p.protocol, p.published), p.backends, p.target)
 
 
 def _dnat_to(match: str, backends, target: int, seed: int | None = None) -> str | None:
@@ -73,8 +77,7 @@ def _dsr(plan: DsrPlan | None) -> tuple[list[str], list[str], list[str]]:
            "jump dsr"]
     chain = []
     for p in plan.ports:
-        match = (f"ip daddr {p.host_ip} " if p.host_ip else "") + \
-            f"meta l4proto {p.protocol} th dport {p.port}"
+        match = _port_match(p.host_ip, p.protocol, p.port)
         if p.dsr and p.local:
             seed = seed_of(f"{p.protocol}/{p.port}") if p.affinity else None
             chain.append(_dnat_to(match, p.local, p.target, seed))
