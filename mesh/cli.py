@@ -322,25 +322,32 @@ def cmd_run(args, api: Api) -> int:
     return 0
 
 
+def _serve(serve, *args) -> int:
+    """Run a daemon's `serve(*args)`, logging to stderr; kill -USR1 logs what it waits on."""
+    from mesh import dumps
+
+    async def main():
+        dumps.install()
+        await serve(*args)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main())
+    return 0
+
+
 def cmd_daemon(args, api: Api) -> int:
     from mesh.daemon import serve
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(args.host_netns, args.nodes, args.lb))
-    return 0
+    return _serve(serve, args.host_netns, args.nodes, args.lb)
 
 
 def cmd_manager(args, api: Api) -> int:
     from mesh.manager import serve_manager
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve_manager(args.store, args.node_name, args.host_netns))
-    return 0
+    return _serve(serve_manager, args.store, args.node_name, args.host_netns)
 
 
 def cmd_agent(args, api: Api) -> int:
     from mesh.nodeagent import serve_agent
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve_agent(args.store, args.node_name, args.address, args.role, args.label))
-    return 0
+    return _serve(serve_agent, args.store, args.node_name, args.address, args.role, args.label)
 
 
 def _label(text: str) -> str:

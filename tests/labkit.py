@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -64,8 +65,12 @@ class Lab:
         return [sys.executable, "-m", "mesh", "--host-netns", self.host]
 
     def mesh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*self.mesh_argv(), *args],
-                              capture_output=True, text=True, env=self.env, timeout=timeout)
+        try:
+            proc = subprocess.run([*self.mesh_argv(), *args],
+                                  capture_output=True, text=True, env=self.env, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"mesh {' '.join(args)} did not return within {timeout:.0f} s; "
+                                 f"the daemon's log ends:\n{self.daemon_dump()}") from exc
         if check and proc.returncode != 0:
             raise AssertionError(f"mesh {' '.join(args)} exited {proc.returncode}:\n"
                                  f"{proc.stdout}\n{proc.stderr}")
@@ -77,6 +82,20 @@ class Lab:
         path = self.tmp / f"stack-{secrets.token_hex(2)}.yaml"
         path.write_text(yaml_text.replace("@ECHO@", f"{SYSTEM_PYTHON} {ECHO}"))
         return self.mesh("up", "-f", str(path), *args, check=check)
+
+    def daemon_dump(self, lines: int = 400) -> str:
+        """Ask the daemon to log what each of its tasks waits on (SIGUSR1, mesh.dumps), then
+        return the end of its log: what a hung command was waiting for."""
+        run = Path(self.env["MESH_RUN_DIR"]) / self.host
+        try:
+            os.kill(int((run / "daemon.pid").read_text()), signal.SIGUSR1)
+            time.sleep(1.0)
+        except (OSError, ValueError) as exc:
+            return f"(no daemon to ask: {exc})"
+        try:
+            return "\n".join((run / "daemon.log").read_text().splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no daemon log: {exc})"
 
     def json(self, *args: str):
         import json
