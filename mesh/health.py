@@ -110,9 +110,13 @@ async def run_probe(argv: list[str], timeout: float, *, env: dict[str, str] | No
             raise
         except OSError as exc:
             return ProbeResult(start, time.time(), None, f"the probe could not start: {exc}")
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a cancel
+        # comes as the probe exits, and watch() would probe on after Supervisor cancelled it (a
+        # task's stop, and with it mesh down, then waited for ever)
         try:
-            await asyncio.wait_for(asyncio.shield(proto.exited), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(proto.exited)
+        except TimeoutError:
             timed_out = True
     finally:
         if transport is not None:        # kill the probe at its timeout, or what it left behind
@@ -159,9 +163,11 @@ def _settle(future: asyncio.Future) -> None:
 
 async def _reap(proto: _Probe, transport: asyncio.SubprocessTransport) -> None:
     try:
-        await asyncio.wait_for(asyncio.shield(proto.exited), READ_GRACE * 10)
-        await asyncio.wait_for(asyncio.shield(proto.closed), READ_GRACE)
-    except asyncio.TimeoutError:         # a holder of the pipe left the group: stop reading
+        async with asyncio.timeout(READ_GRACE * 10):
+            await asyncio.shield(proto.exited)
+        async with asyncio.timeout(READ_GRACE):
+            await asyncio.shield(proto.closed)
+    except TimeoutError:         # a holder of the pipe left the group: stop reading
         pass
     finally:
         transport.close()

@@ -38,6 +38,7 @@ Its files: MESH_RUN_DIR (default /run/mesh) / node-<name> / applied.json, logs/<
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -301,11 +302,11 @@ class NodeAgent:
 
     async def report_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self.status_dirty.wait(),
-                                       DRAIN_POLL if self.agent.applied.draining else POLL)
-            except asyncio.TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes
+            # as the event is set, and this loop would run on after NodeAgent.run cancelled it
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_POLL if self.agent.applied.draining else POLL):
+                    await self.status_dirty.wait()
             self.status_dirty.clear()
             try:
                 await self._report()

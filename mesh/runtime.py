@@ -189,8 +189,9 @@ class Supervisor:
         if run.pid:
             _signal_group(run.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(run.runner), grace)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(grace):    # not wait_for: see mesh.health.run_probe
+                    await asyncio.shield(run.runner)
+            except TimeoutError:
                 _signal_group(run.pid, signal.SIGKILL)
         if run.runner:
             run.runner.cancel()

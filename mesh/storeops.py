@@ -167,12 +167,13 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(pause)
             try:
-                await asyncio.wait_for(self.store.keepalive(lease), self.ttl / 3)
+                async with asyncio.timeout(self.ttl / 3):     # not wait_for: see mesh.nodeagent
+                    await self.store.keepalive(lease)
                 renewed, pause = time.monotonic(), self.ttl / 3
             except LeaseExpired:
                 log.warning("lease %x expired", lease)
                 break
-            except (StoreError, OSError, asyncio.TimeoutError) as exc:
+            except (StoreError, OSError, TimeoutError) as exc:
                 log.warning("lease %x not renewed: %s", lease, repr(exc))
                 if time.monotonic() - renewed > self.ttl:
                     break
@@ -185,8 +186,9 @@ class LeaseKeeper:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if revoke and self.lease is not None:
-            with contextlib.suppress(StoreError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.store.revoke(self.lease), 2)
+            with contextlib.suppress(StoreError, OSError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.store.revoke(self.lease)
         self.lease = None
 
 

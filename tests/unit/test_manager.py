@@ -671,3 +671,23 @@ def test_an_unreachable_etcd_is_a_clear_error(capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert f"--store {url}: etcd does not answer" in err, err
     assert not list(tmp_path.rglob("api.sock"))          # nothing left listening
+
+
+def test_the_report_loop_ends_when_cancelled_as_it_is_woken(tmp_path):
+    """NodeAgent.run cancels its report loop and waits for it: a cancel that comes as the loop is
+    woken (a data-plane sync sets status_dirty all the time) must end it (asyncio.wait_for
+    swallowed such a cancel, and mesh down hung: see test_cancel)."""
+    from cancelling import TURNS, cancel_after, ended
+
+    async def main():
+        store = MemoryStore()
+        node, _ = agent_setup(store, tmp_path)
+        for turns in TURNS:
+            loop = asyncio.ensure_future(node.report_loop())
+            await asyncio.sleep(0.01)
+            node.status_dirty.set()
+            landed = cancel_after(loop, turns)
+            assert await ended(loop, landed, f"the report loop cancelled {turns} turns after its "
+                                             "wake-up")
+        await store.close()
+    asyncio.run(main())
