@@ -124,7 +124,7 @@ class NodeAgent:
         self.info_balanced: frozenset[str] = frozenset()   # agent.balanced as the record shows it
         self.info_put_at = float("-inf")                  # when the record was put last (loop time)
         self.info_lock = asyncio.Lock()
-        self.balanced_due = False
+        self.balanced_timer: asyncio.TimerHandle | None = None   # a put of agent.balanced is due
         self.remote: dict[tuple[str, str], dict] = {}     # other nodes' reports
         self.connections = established_connections      # (pid, addresses) -> connections served
         # every kick of the agent (a task changed state, or started listening) is a report to
@@ -170,7 +170,7 @@ class NodeAgent:
             self.info_put_at = asyncio.get_running_loop().time()
 
     def _balanced_now(self) -> None:
-        self.balanced_due = False
+        self.balanced_timer = None
         self.status_dirty.set()
 
     async def keep_registered(self) -> None:
@@ -331,9 +331,8 @@ class NodeAgent:
             wait = self.info_put_at + BALANCED_EVERY - asyncio.get_running_loop().time()
             if wait <= 0:
                 await self._put_info()
-            elif not self.balanced_due:
-                self.balanced_due = True
-                asyncio.get_running_loop().call_later(wait, self._balanced_now)
+            elif self.balanced_timer is None:
+                self.balanced_timer = asyncio.get_running_loop().call_later(wait, self._balanced_now)
 
     async def resync(self) -> None:
         """The balancers' periodic repair, as the daemon's (mesh.daemon.resync_forever calls it)."""
@@ -359,6 +358,9 @@ class NodeAgent:
                 for job in jobs + [waiter]:
                     job.cancel()
                 await asyncio.gather(*jobs, waiter, return_exceptions=True)
+            if self.balanced_timer is not None:
+                self.balanced_timer.cancel()
+                self.balanced_timer = None
             if self.keeper is not None and not stop.is_set():
                 await self.keeper.stop(revoke=False)     # a failed agent stops its heartbeat
 

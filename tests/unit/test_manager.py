@@ -691,3 +691,46 @@ def test_the_report_loop_ends_when_cancelled_as_it_is_woken(tmp_path):
                                              "wake-up")
         await store.close()
     asyncio.run(main())
+
+
+@run
+async def test_the_node_record_shows_a_burst_of_balancer_changes_in_one_put(tmp_path, monkeypatch):
+    """agent.balanced changing three times within BALANCED_EVERY of the last record put is one
+    more put, at least BALANCED_EVERY after that one, showing the last set; a change after that
+    is put at once."""
+    monkeypatch.setattr("mesh.nodeagent.BALANCED_EVERY", 0.3)
+    monkeypatch.setattr("mesh.nodeagent.POLL", 600.0)      # only the kicks wake the report loop
+    store = MemoryStore()
+    node, agent = agent_setup(store, tmp_path)
+    stop = asyncio.Event()
+    job = asyncio.ensure_future(node.run(stop))
+    await until(lambda: node.keeper is not None and node.keeper.lease, what="registered")
+    loop = asyncio.get_running_loop()
+    registered = (await store.get(NODES + "n1")).mod_revision
+    puts: list[tuple[float, tuple]] = []
+
+    async def record_puts():
+        async for kind, item in follow(store, NODES + "n1"):
+            if kind == "event" and item.kind == "put" and item.kv.mod_revision > registered:
+                puts.append((loop.time(), decode(NodeInfo, item.kv.value).balanced))
+    watcher = asyncio.ensure_future(record_puts())
+    first = node.info_put_at
+    for tasks in (("s_web.1",), ("s_web.1", "s_web.2"), ("s_web.2",)):
+        agent.balanced = frozenset(tasks)
+        agent.on_synced()
+        await asyncio.sleep(0.02)
+    await until(lambda: puts, what="the record put")
+    await asyncio.sleep(0.4)                                # nothing more comes
+    assert [b for _, b in puts] == [("s_web.2",)]
+    assert puts[0][0] - first >= 0.3 - 0.01
+    agent.balanced = frozenset()
+    agent.on_synced()
+    await until(lambda: len(puts) == 2, timeout=0.25, what="the second record put, at once")
+    assert puts[1][1] == ()
+    stop.set()
+    await job
+    assert node.balanced_timer is None
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    await node.leave()
+    await store.close()
