@@ -50,3 +50,80 @@ def test_a_cluster_reads_each_registered_nodes_balancers_from_its_record():
     assert ctl._balancers() == {"n1": frozenset({"web.1"}), "n2": frozenset()}
     # the node table the leader writes into /mesh/desired does not carry them
     assert [n.balanced for n in node_table((), ctl.live)] == [(), ()]
+
+
+# -- what a node's agent says its balancers take (mesh.agent.Agent.balanced) ---------------------
+
+class FakeLb:
+    """The load-balancer calls of a data-plane sync, recorded; `failing` namespaces raise."""
+    def __init__(self):
+        self.tables: dict[str, object] = {}
+        self.failing: set[str] = set()
+
+    def apply(self, netns, table):
+        if netns in self.failing:
+            raise OSError(f"{netns}: the kernel refused the table")
+        self.tables[netns] = table
+
+    def forget(self, netns):
+        self.tables.pop(netns, None)
+
+
+class FakeNft:
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def apply(self, netns, text):
+        self.texts.append(text)
+
+
+class QuietSup:
+    on_change = None
+
+
+class NoUnderlayDevice:
+    """Netlink as the host table's DSR plan asks it: the node's address is on no device (no
+    stack here asks for DSR, so there is nothing to hand over)."""
+    def interface_of(self, netns, address):
+        return None
+
+
+def test_a_node_claims_the_ready_listening_tasks_that_do_not_drain_once_every_balancer_took_them():
+    import asyncio
+    from dataclasses import replace
+    from mesh.agent import Agent
+    from mesh.allocator import build_desired
+    from mesh.manager import placement
+    from mesh.spec import load_stack
+    stack = load_stack("services:\n  web: {command: sleep 300, deploy: {replicas: 3,"
+                       " placement: {constraints: [node.hostname==n1]}}, ports: ['8080:80']}\n",
+                       name="s")
+    nodes = (NodeInfo("n1", "10.97.0.1", "manager", routes=("10.97.0.0/24",)),
+             NodeInfo("n2", "10.97.0.2", "worker", routes=("10.97.0.0/24",)))
+    desired = build_desired(stack, DesiredState(), [], None,
+                            cluster=placement(stack, DesiredState(), nodes))
+    web = sorted(desired.tasks)
+    lb, synced = FakeLb(), []
+    agent = Agent("mesh-h-n2", NoUnderlayDevice(), FakeNft(), QuietSup(), node="n2", lb=lb)
+    agent.on_synced = lambda: synced.append(agent.balanced)
+    # web 1 ready; web 2 ready but not listening on 80 yet; web 3 ready but draining
+    agent.applied = replace(desired, draining=frozenset([web[2]]))
+    agent.readiness = lambda: Readiness(ready=set(web), alive=set(web),
+                                        missing={web[1]: (frozenset({80}), frozenset({80}))})
+
+    async def sync():
+        await agent.sync_dataplane()
+        if agent.relisten is not None:        # it looks again for the port soon: not here
+            agent.relisten.cancel()
+            agent.relisten = None
+    asyncio.run(sync())
+    assert lb.tables, "n2 balances the published port (its ingress namespace)"
+    assert agent.balanced == {web[0]} and synced == [{web[0]}]
+    # a balancer that fails to take its table: the claim stays what it was
+    agent.readiness = lambda: Readiness(ready=set(web), alive=set(web))
+    lb.failing = set(lb.tables)
+    asyncio.run(sync())
+    assert agent.balanced == {web[0]} and synced[-1] == {web[0]}
+    lb.failing.clear()
+    asyncio.run(sync())
+    assert agent.balanced == {web[0], web[1]}
