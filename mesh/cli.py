@@ -200,14 +200,16 @@ def cmd_down(args, api: Api) -> int:
             if status >= 300:
                 print(f"mesh: the manager: {data['error'] if isinstance(data, dict) else data}",
                       file=sys.stderr)
-            api.wait_gone()
+            elif not api.wait_gone():
+                print(f"mesh: {api.not_gone()}", file=sys.stderr)
         print("mesh: stack removed; " + ", ".join(etcdlab.stop(api.host)))
         return 0
     if api.running():
         status, data = api.call("POST", "/v1/down")
         if status >= 300:
             raise MeshError(data["error"] if isinstance(data, dict) else str(data))
-        api.wait_gone()
+        if not api.wait_gone():
+            raise MeshError(api.not_gone())
         print("mesh: stack removed, daemon stopped")
     else:
         from mesh.sweep import sweep

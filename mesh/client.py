@@ -19,6 +19,7 @@ from mesh.lb.base import resolve_choice
 from mesh.paths import Paths
 
 START_TIMEOUT = float(os.environ.get("MESH_START_TIMEOUT", "60"))   # an emulated VM is slow
+GONE_TIMEOUT = 30.0      # mesh down: the daemon exits this soon after it answered
 
 
 class Api:
@@ -84,11 +85,18 @@ class Api:
         raise MeshError(f"the mesh daemon did not start within {START_TIMEOUT:.0f}s; "
                         f"see {self.paths.daemon_log}")
 
-    def wait_gone(self, timeout: float = 30.0) -> None:
-        """Wait for the daemon to finish its teardown and exit (its socket goes last)."""
+    def wait_gone(self, timeout: float = GONE_TIMEOUT) -> bool:
+        """Wait for the daemon to finish its teardown and exit (its socket goes last); False when
+        it is still there after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while os.path.exists(self.paths.socket) and time.monotonic() < deadline:
             time.sleep(0.05)
+        return not os.path.exists(self.paths.socket)
+
+    def not_gone(self) -> str:
+        """What to tell when wait_gone() returned False."""
+        return (f"the daemon answered mesh down but has not exited after {GONE_TIMEOUT:.0f} s "
+                f"(see {self.paths.daemon_log}); run mesh down again once it has")
 
     def checked(self, method: str, path: str, body: dict | None = None):
         """call(), raising MeshError with the daemon's message unless it answered 2xx."""

@@ -77,3 +77,30 @@ def test_mesh_up_names_tasks_that_exited_with_an_error_and_pending_ones(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "mesh: warning: nc.1 exited with code 127 (mesh logs nc.1 may say why)",
         "mesh: warning: bc.1 is pending: no node satisfies node.hostname==n9"]
+
+
+class Lingering:
+    """An Api whose daemon answers POST /v1/down but whose socket stays (it does not exit)."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        from mesh.client import Api
+        monkeypatch.setenv("MESH_RUN_DIR", str(tmp_path))
+        self.api = Api("mesh-tlinger")
+        self.api.running = lambda: True
+        self.api.call = lambda method, path, body=None: (200, {"down": True})
+        (tmp_path / "mesh-tlinger").mkdir()
+        (tmp_path / "mesh-tlinger" / "api.sock").touch()
+
+
+def test_mesh_down_says_so_when_the_daemon_answered_but_did_not_exit(tmp_path, monkeypatch, capsys):
+    import argparse
+    from mesh.cli import cmd_down
+    monkeypatch.setattr("mesh.client.GONE_TIMEOUT", 0.2)
+    api = Lingering(tmp_path, monkeypatch).api
+    assert api.wait_gone(0.2) is False
+    with pytest.raises(MeshError, match=r"answered mesh down but has not exited .*daemon\.log"):
+        cmd_down(argparse.Namespace(), api)
+    assert "daemon stopped" not in capsys.readouterr().out
+    (tmp_path / "mesh-tlinger" / "api.sock").unlink()       # it exits: the same call says so
+    assert cmd_down(argparse.Namespace(), api) == 0
+    assert capsys.readouterr().out == "mesh: stack removed, daemon stopped\n"
