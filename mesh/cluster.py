@@ -16,7 +16,8 @@ keeps its files in <run dir>/nodes/<name>/ (applied.json, logs/; `mesh down` swe
 daemon was killed). Each node registers its own routes and the host namespace's (a network's subnet
 overlaps none), and its lease lives 30 s (in one process no node dies alone; a stalled loop must not
 expire them all). Stopping waits for a change under way, takes the stack down, then each agent
-finishes its apply and removes what it made.
+finishes its apply and removes what it made. Each phase of stopping is bounded (STOP_PHASE): one
+that hangs is logged with what every asyncio task waits on, and the lab goes all the same.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import logging
 import os
 
 from mesh.codec import NodeInfo
+from mesh.dumps import bounded
 from mesh.election import Election
 from mesh.errors import MeshError
 from mesh.lab import LabNode, make_lab, remove_lab
@@ -33,6 +35,7 @@ from mesh.manager import ClusterController
 from mesh.netlink import Netlink
 from mesh.nodeagent import NodeAgent, route_strings
 from mesh.paths import Paths
+from mesh.runtime import kill_leftovers
 from mesh.store import MemoryStore
 from mesh.storeops import counted
 
@@ -40,6 +43,7 @@ log = logging.getLogger("mesh.cluster")
 START_TIMEOUT = 30.0
 MANAGER = "manager"
 LEASE_TTL = 30.0    # in one process no node dies alone; a stalled loop must not expire every lease
+STOP_PHASE = 30.0   # the longest each phase of stop() may take (a task's drain is before them)
 
 
 def lab_node_info(node: LabNode, index: int, routes) -> NodeInfo:
@@ -117,16 +121,22 @@ class LocalCluster:
                 await self.ctl.down()
             except Exception:
                 log.exception("taking the stack down failed: the agents remove what is left")
-        await self.election.resign()          # before its job is cancelled: the lease is revoked
+        # each phase is bounded: a hung one is logged with what every task waits on, and the
+        # lab goes all the same (mesh down must finish; the namespaces take the rest with them)
+        await bounded("the manager resigning", self.election.resign(), STOP_PHASE)
         for job in self.manager_jobs + [self.ctl.replacing.task]:
             if job is not None:
                 job.cancel()
-        await asyncio.gather(*self.manager_jobs, return_exceptions=True)
+        await bounded("the manager stopping",
+                      asyncio.gather(*self.manager_jobs, return_exceptions=True), STOP_PHASE)
         self.agents_stop.set()                # each agent finishes the apply under way first
-        await asyncio.gather(*self.agent_jobs, return_exceptions=True)
+        await bounded("the node agents stopping",
+                      asyncio.gather(*self.agent_jobs, return_exceptions=True), STOP_PHASE)
         for agent in self.agents:
             try:
-                await agent.leave()
+                if not await bounded(f"node {agent.node} removing what it made", agent.leave(),
+                                     STOP_PHASE):
+                    kill_leftovers(agent.agent.sup.log_dir)
             except Exception:
                 log.exception("node %s: removing what it made failed", agent.node)
         await asyncio.to_thread(self.remove)

@@ -5,6 +5,7 @@ waits).
     async def main():
         dumps.install()          # on the running loop; the daemons (mesh daemon, manager, agent) do
         ...
+    done = await dumps.bounded("the agents stopping", gather(...), 30)   # False: it hung (logged)
 """
 from __future__ import annotations
 
@@ -37,3 +38,23 @@ def install() -> None:
     """Log describe() on SIGUSR1 (call from inside the running loop)."""
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGUSR1, lambda: log.warning("SIGUSR1: what runs now\n%s", describe()))
+
+
+async def bounded(what: str, awaitable, seconds: float) -> bool:
+    """Await `awaitable` for at most `seconds` (its error, if it fails, is raised); past that, log
+    what every task waits on, cancel it and return False: a stop that must finish (mesh down)
+    goes on and removes the rest."""
+    job = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait([job], timeout=seconds)
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    if done:
+        job.result()
+        return True
+    log.error("%s took over %.0f s: going on without it. What runs now:\n%s", what, seconds,
+              describe())
+    job.cancel()
+    await asyncio.wait([job], timeout=1.0)
+    return False

@@ -57,3 +57,21 @@ def test_a_lease_keeper_stopped_as_it_renews_stops():
                                                        "after a renewal")
         await store.close()
     asyncio.run(main())
+
+
+def test_a_bounded_wait_that_hangs_is_cancelled_and_logged_with_what_runs(caplog):
+    from mesh.dumps import bounded
+
+    async def stuck_in_its_stop():
+        await asyncio.Event().wait()
+
+    async def main():
+        stuck = asyncio.ensure_future(stuck_in_its_stop())
+        assert await bounded("the quick one", asyncio.sleep(0.01), 1.0) is True
+        assert await bounded("the agents stopping", asyncio.gather(stuck), 0.2) is False
+        await asyncio.sleep(0)
+        assert stuck.cancelled()
+    asyncio.run(main())
+    logged = caplog.text
+    assert "the agents stopping took over 0 s: going on without it" in logged
+    assert "stuck_in_its_stop" in logged and "the quick one" not in logged
