@@ -159,3 +159,21 @@ def test_a_daemon_stopped_while_mesh_up_waits_is_an_error_not_empty_tables(lab):
             or "no mesh daemon runs for this host namespace" in err), err
     assert "TASK" not in out, out                    # no empty tables
     assert [n for n in kernel_snapshot(lab)["netns"] if n != lab.host] == []
+
+
+def test_a_daemon_logs_what_each_task_waits_on_when_sent_sigusr1_and_serves_on(lab):
+    """kill -USR1 (what a test's timed-out mesh command does, labkit.Lab.daemon_dump) logs every
+    asyncio task's stack and every thread's, in a lab's daemon, without stopping it."""
+    lab.up("""
+services:
+  web:
+    command: "@ECHO@ 80"
+    deploy: {replicas: 2}
+""", "--nodes", "2")
+    dump = lab.daemon_dump()
+    tail = dump[dump.rindex("mesh.dumps WARNING SIGUSR1: what runs now"):]
+    assert " asyncio tasks" in tail
+    for waiting in ("NodeAgent.report_loop", "NodeAgent.apply_loop", "ClusterController.mirror",
+                    "--- thread MainThread"):
+        assert waiting in tail, f"{waiting} is not in the dump:\n{tail[:3000]}"
+    assert sorted(t["name"] for t in lab.json("ps")) == ["web.1", "web.2"]
