@@ -18,7 +18,7 @@ from mesh.spec_ports import show
 from mesh.spec_models import (CONSTRAINT_RE, ENV_KEY_RE, NAME_RE, NAME_RULE, NO_PORTS, PROJECT_RE,
                                RESERVED_NETWORKS, RESERVED_TASK_NAME, AttachSpec, DeploySpec,
                                HealthcheckSpec, IpamConfigSpec, NetworkSpec, PlacementSpec,
-                               ServiceSpec, StackSpec)
+                               SWARM_RESTART, ServiceSpec, StackSpec)
 
 
 # ---- semantic checks: the validated models -> mesh.model --------------------------------------
@@ -151,13 +151,20 @@ class Builder:
             networks=self.attachments(name, spec), network_mode=self.network_mode(name, spec),
             ports=ports, links=self.links(name, spec.links or []),
             environment=self.environment(spec.environment, f"{path}.environment"),
-            restart=spec.restart or "no",
+            restart=self.restart(spec, deploy),
             replicas=1 if deploy.replicas is None else deploy.replicas,
             mode=deploy.mode or "replicated", endpoint_mode=deploy.endpoint_mode or "vip",
             placement=self.placement(deploy.placement, f"{path}.deploy.placement"),
             healthcheck=self.healthcheck(spec.healthcheck, f"{path}.healthcheck"),
             extensions=extensions,
             dns=self.dns(spec.dns, f"{path}.dns"))
+
+    @staticmethod
+    def restart(spec: ServiceSpec, deploy: DeploySpec) -> str:
+        """deploy.restart_policy.condition when given (as docker stack deploy reads it: it wins
+        over `restart:`), else `restart:`, else no."""
+        condition = deploy.restart_policy.condition if deploy.restart_policy else None
+        return SWARM_RESTART[condition] if condition else spec.restart or "no"
 
     def service_extensions(self, x_mesh: dict, path: str) -> dict:
         """A service's `x-mesh`: the keys mesh reads (SERVICE_EXTENSIONS) are checked; other keys

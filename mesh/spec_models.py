@@ -128,8 +128,18 @@ class PlacementSpec(_Spec):
     max_replicas_per_node: Optional[Positive] = None
 
 
+class RestartPolicySpec(_Spec):
+    """Swarm's deploy.restart_policy: its condition maps to a `restart:` policy (SWARM_RESTART);
+    delay, max_attempts and window are not read (named in the ignored-fields warning)."""
+    condition: Optional[choice("none", "on-failure", "any")] = None
+
+
+SWARM_RESTART = {"none": "no", "on-failure": "on-failure", "any": "always"}
+
+
 class DeploySpec(_Spec):
     replicas: Optional[NonNegative] = None
+    restart_policy: Optional[RestartPolicySpec] = None
     mode: Optional[choice("replicated", "global")] = None
     endpoint_mode: Optional[choice("vip", "dnsrr")] = None
     placement: Optional[PlacementSpec] = None

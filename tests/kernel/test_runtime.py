@@ -18,6 +18,13 @@ services:
   clean:
     command: sh -c 'echo done; exit 0'
     restart: on-failure
+  swarmish:
+    command: sh -c 'echo try; exit 5'
+    deploy: {restart_policy: {condition: on-failure}}
+  held:
+    command: sh -c 'exit 6'
+    restart: always
+    deploy: {restart_policy: {condition: none}}
 """
     lab.up(stack, "--wait", "0")                      # tasks that restart forever: never all ready
     once = wait_for(lambda: (t := lab.task("once.1"))["state"] == "exited" and t)
@@ -29,6 +36,10 @@ services:
     assert wait_for(lambda: lab.task("steady.1")["restarts"] >= 2)
     clean = wait_for(lambda: (t := lab.task("clean.1"))["state"] == "exited" and t)
     assert clean["exit_code"] == 0 and clean["restarts"] == 0
+    # Swarm's deploy.restart_policy.condition is the policy, and wins over restart:
+    assert wait_for(lambda: lab.task("swarmish.1")["restarts"] >= 2)
+    held = wait_for(lambda: (t := lab.task("held.1"))["state"] == "exited" and t)
+    assert held["exit_code"] == 6 and held["restarts"] == 0
     again = lab.up(stack, "--wait", "0").stderr      # mesh up names the task that failed, only it
     assert "mesh: warning: once.1 exited with code 3 (mesh logs once.1 may say why)" in again, again
     assert "clean.1" not in again, again

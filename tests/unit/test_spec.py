@@ -206,6 +206,19 @@ def test_restart_policies(written, policy):
     assert load(f"services: {{a: {{restart: {written}}}}}").services["a"].restart == policy
 
 
+@pytest.mark.parametrize("condition, policy", [("any", "always"), ("on-failure", "on-failure"),
+                                               ("none", "no")])
+def test_swarms_restart_policy_condition_is_the_restart_policy_and_wins_over_restart(condition, policy):
+    stack = load(f"services: {{a: {{restart: unless-stopped, deploy: {{restart_policy: "
+                 f"{{condition: {condition}, delay: 5s, max_attempts: 3}}}}}}}}")
+    assert stack.services["a"].restart == policy
+    assert stack.warnings == ("ignored fields (mesh does not use them): "
+                              "services.a.deploy.restart_policy.delay, "
+                              "services.a.deploy.restart_policy.max_attempts",)
+    assert load("services: {a: {restart: always, deploy: {restart_policy: {delay: 5s}}}}"
+                ).services["a"].restart == "always"          # no condition: restart: says
+
+
 def test_placement_constraints_are_validated_and_normalised():
     svc = load("""
         services:
@@ -456,6 +469,8 @@ INVALID = [
     ("services: {web: {deploy: {placement: {max_replicas_per_node: 0}}}}",
      "services.web.deploy.placement.max_replicas_per_node", "at least 1"),
     ("services: {web: {restart: sometimes}}", "services.web.restart", "unless-stopped"),
+    ("services: {web: {deploy: {restart_policy: {condition: always}}}}",
+     "services.web.deploy.restart_policy.condition", "none, on-failure, any"),
     ("services: {web: {restart: 'on-failure:x'}}", "services.web.restart", "on-failure:N"),
     # healthcheck
     ("services: {web: {healthcheck: {test: [CMD, 'true'], interval: 10}}}", "services.web.healthcheck.interval",
